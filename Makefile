@@ -1,0 +1,31 @@
+# Every target creates .venv on first use and reinstalls when pyproject.toml changes.
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.geomlab-installed
+PYTHON ?= python3
+
+.PHONY: demo test bench browser clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m geomlab.train --out runs/demo --resume
+	$(PY) -m geomlab.analyze runs/demo
+
+# The report test drives a real headless browser; install Debian's chromium when it is missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q -x --durations=15
+
+bench: $(STAMP)
+	$(PY) -m geomlab.bench kernels
+	$(PY) -m geomlab.bench train
+	$(PY) -m geomlab.bench analyze
+
+clean:
+	rm -rf runs .pytest_cache

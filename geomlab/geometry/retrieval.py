@@ -1,0 +1,31 @@
+"""Retrieval metrics (SPEC §5.3), named as open_clip's get_clip_metrics names them."""
+from __future__ import annotations
+
+import torch
+
+from geomlab import kernels
+
+
+def metrics_from_ranks(i2t: torch.Tensor, t2i: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """open_clip's metrics from 0-based ranks of the positives (see `retrieval_metrics`)."""
+    out = {}
+    for direction, ranks in (("image_to_text", i2t), ("text_to_image", t2i)):
+        ranks = ranks.float()
+        out[f"{direction}_mean_rank"] = ranks.mean().item() + 1
+        out[f"{direction}_median_rank"] = float(torch.floor(torch.median(ranks)).item()) + 1
+        for k in ks:
+            out[f"{direction}_R@{k}"] = (ranks < k).float().mean().item()
+    return out
+
+
+def retrieval_metrics(image: torch.Tensor, text: torch.Tensor, caption_image: torch.Tensor | None = None,
+                      ks=(1, 5, 10), backend: str = "auto") -> dict[str, float]:
+    """image→text and text→image R@K, mean rank and median rank.
+
+    rank = 0-based position of the positive (streamed, `geomlab.kernels.retrieval_ranks`);
+    R@K = mean(rank < K); mean_rank = mean(rank) + 1; median_rank = floor(median(rank)) + 1,
+    as open_clip computes them. With several captions per image an image→text query counts its
+    best-ranked caption.
+    """
+    i2t, t2i = kernels.retrieval_ranks(image, text, caption_image, backend=backend)
+    return metrics_from_ranks(i2t, t2i, ks)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from geomlab.data import Stream
+
+
+@dataclass
+class Features:
+    """L2-normalised features of one batch. On one process `*_all` is the batch itself; under
+    torchrun, `image`/`text` are this rank's rows and `*_all` the gathered batch (with gradient)."""
+    image: torch.Tensor
+    text: torch.Tensor
+    image_all: torch.Tensor
+    text_all: torch.Tensor
+    logit_scale: torch.Tensor
+    row_offset: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.image_all is not self.image
+
+    def columns(self) -> dict:
+        """Keyword arguments telling a geomlab.kernels loss which gathered columns this rank's rows
+        are scored against (none on one process: the batch is its own columns)."""
+        if not self.distributed:
+            return {}
+        return {"image_all": self.image_all, "text_all": self.text_all, "row_offset": self.row_offset}
+
+
+@dataclass
+class PhaseContext:
+    stream: Stream
+    phase: int                                  # 1..T for continual phases, 0 for the base phase
+    options: dict                               # the strategy's own config section
+    previous_model: Callable[[], torch.nn.Module]  # frozen snapshot of the model at phase start
+    encode: Callable                             # encode(model, images, tokens) -> (image, text) features
+    gather: Callable[[torch.Tensor], torch.Tensor]  # all-gather across ranks (identity on one process)
+    kernel_backend: str = "auto"
+
+
+class Strategy:
+    name: str = ""
+    needs_previous_model: bool = False  # True: the trainer snapshots the phase-start model for it
+
+    def __init__(self, ctx: PhaseContext):
+        self.ctx = ctx
+
+    @classmethod
+    def train_data(cls, stream: Stream, phase: int) -> Dataset:
+        return stream.phases[phase].train
+
+    def loss(self, images: torch.Tensor, tokens: torch.Tensor, feats: Features) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError

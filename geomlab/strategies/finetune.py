@@ -1,0 +1,13 @@
+"""Plain fine-tuning: the CLIP contrastive loss on the current phase's data only."""
+from geomlab import kernels
+
+from .base import Strategy
+
+
+class Finetune(Strategy):
+    name = "finetune"
+
+    def loss(self, images, tokens, feats):
+        clip = kernels.clip_loss(feats.image, feats.text, feats.logit_scale, **feats.columns(),
+                                 backend=self.ctx.kernel_backend)
+        return clip, {"clip": clip}

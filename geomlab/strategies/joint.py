@@ -1,0 +1,12 @@
+"""Joint training, the upper bound: the CLIP loss on the union of every phase seen so far."""
+from torch.utils.data import ConcatDataset
+
+from .finetune import Finetune
+
+
+class Joint(Finetune):
+    name = "joint"
+
+    @classmethod
+    def train_data(cls, stream, phase):
+        return ConcatDataset([p.train for p in stream.phases[: phase + 1]])

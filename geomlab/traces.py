@@ -1,0 +1,78 @@
+"""Geometry traces (SPEC §5.4): probe embeddings at one checkpoint, in one safetensors file.
+
+Tensors: `<domain>.image` [N, d] and `<domain>.text` [M, d] (L2-normalised, float16),
+`<domain>.ids` [N] int64 sample ids, and, with several captions per image,
+`<domain>.caption_image` [M] int64 (image row of each caption).
+Metadata: {"domains": JSON list in stream order, "phase": P, "step": S, "model": name}.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save, safe_open
+
+from .io import atomic_write
+
+
+@dataclass
+class DomainEmbeddings:
+    image: torch.Tensor           # [N, d]
+    text: torch.Tensor            # [M, d]
+    ids: torch.Tensor             # [N] int64
+    caption_image: torch.Tensor | None = None  # [M] int64, None when M == N and caption i is image i
+
+
+@dataclass
+class Trace:
+    domains: dict[str, DomainEmbeddings]  # in stream order
+    phase: int
+    step: int
+    model: str
+    extra: dict = field(default_factory=dict)
+
+
+def write_trace(path, trace: Trace) -> None:
+    tensors = {}
+    for name, emb in trace.domains.items():
+        tensors[f"{name}.image"] = emb.image.detach().to("cpu", torch.float16).contiguous()
+        tensors[f"{name}.text"] = emb.text.detach().to("cpu", torch.float16).contiguous()
+        tensors[f"{name}.ids"] = emb.ids.detach().to("cpu", torch.int64).contiguous()
+        if emb.caption_image is not None:
+            tensors[f"{name}.caption_image"] = emb.caption_image.detach().to("cpu", torch.int64).contiguous()
+    metadata = {"domains": json.dumps(list(trace.domains)), "phase": str(trace.phase),
+                "step": str(trace.step), "model": trace.model}
+    metadata.update({k: str(v) for k, v in trace.extra.items()})
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_trace(path) -> Trace:
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable safetensors trace ({e})") from e
+    for key in ("domains", "phase", "step", "model"):
+        if key not in meta:
+            raise ValueError(f"{path}: trace metadata lacks {key!r} (expected domains, phase, step, model)")
+    domains = {}
+    for name in json.loads(meta["domains"]):
+        try:
+            domains[name] = DomainEmbeddings(
+                image=tensors[f"{name}.image"], text=tensors[f"{name}.text"], ids=tensors[f"{name}.ids"],
+                caption_image=tensors.get(f"{name}.caption_image"))
+        except KeyError as e:
+            raise ValueError(f"{path}: trace lacks tensor {e.args[0]!r}") from e
+    extra = {k: v for k, v in meta.items() if k not in ("domains", "phase", "step", "model")}
+    return Trace(domains=domains, phase=int(meta["phase"]), step=int(meta["step"]), model=meta["model"], extra=extra)
+
+
+def checkpoint_stem(phase: int, step: int) -> str:
+    return f"phase{phase}_step{step:06d}"

@@ -1,0 +1,152 @@
+"""Dense reference formulas (SPEC §5.1, §6): plain torch, B×B matrices materialised.
+
+These are the ground truth the tiled `torch` and fused `triton` backends are tested against.
+Everything is computed in fp32 (inputs are upcast), whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.float() @ b.float().T
+
+
+def _dp_args(image, text, image_all, text_all, row_offset, olds=None):
+    """Full-batch defaults for the data-parallel arguments; returns (image_all, text_all, olds, B)."""
+    if image_all is None and text_all is None and row_offset == 0 and (olds is None or olds == (None, None)):
+        return None
+    if image_all is None or text_all is None:
+        raise ValueError("data-parallel use needs both image_all and text_all")
+    B = image_all.shape[0]
+    if text_all.shape[0] != B or not 0 <= row_offset <= B - image.shape[0]:
+        raise ValueError("inconsistent data-parallel arguments")
+    return B
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, image_all=None, text_all=None,
+              row_offset: int = 0) -> torch.Tensor:
+    """½ [CE(s·I Tᵀ, y) + CE(s·T Iᵀ, y)], open_clip's ClipLoss.
+
+    Data-parallel: `image`/`text` are rows row_offset.. of the full batch, `image_all`/`text_all`
+    the gathered full batch; the rows' cross-entropy is summed and divided by the global B, so the
+    per-rank losses sum to the full-batch loss."""
+    B = _dp_args(image, text, image_all, text_all, row_offset)
+    if B is None:
+        image_all, text_all, row_offset, B = image, text, 0, image.shape[0]
+    labels = torch.arange(image.shape[0], device=image.device) + row_offset
+    logits_i = logit_scale * similarity(image, text_all)
+    logits_t = logit_scale * similarity(text, image_all)
+    return 0.5 * (F.cross_entropy(logits_i, labels, reduction="sum")
+                  + F.cross_entropy(logits_t, labels, reduction="sum")) / B
+
+
+def _masked_kl_rows(s: torch.Tensor, s_old: torch.Tensor, temperature: float, off_diagonal_only: bool,
+                    row_offset: int = 0):
+    """Per-row KL(P' || P) of softmax(s_old/τ) against softmax(s/τ), and the row mask
+    argmax_j s_old[i, j] == row_offset + i (first index on ties)."""
+    n = s.shape[0]
+    idx = torch.arange(n, device=s.device) + row_offset
+    mask = s_old.argmax(dim=1) == idx  # torch.argmax returns the first maximal index
+    x, x_old = s / temperature, s_old / temperature
+    if off_diagonal_only:
+        eye = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+        eye[torch.arange(n, device=s.device), idx] = True
+        x = x.masked_fill(eye, float("-inf"))
+        x_old = x_old.masked_fill(eye, float("-inf"))
+    logp = torch.log_softmax(x, dim=1)
+    logp_old = torch.log_softmax(x_old, dim=1)
+    p_old = logp_old.exp()
+    terms = torch.where(p_old > 0, p_old * (logp_old - logp), torch.zeros_like(p_old))
+    kl = terms.sum(dim=1)
+    return torch.where(mask, kl, torch.zeros_like(kl)), mask
+
+
+def _reduce(kl_rows: torch.Tensor, mask: torch.Tensor, reduction: str, n_rows=None, n_kept=None) -> torch.Tensor:
+    n_rows = kl_rows.shape[0] if n_rows is None else n_rows
+    n_kept = mask.sum() if n_kept is None else n_kept
+    if reduction == "sum":
+        return kl_rows.sum()
+    if reduction == "mean":
+        return kl_rows.sum() / n_rows
+    if reduction == "kept_mean":
+        return kl_rows.sum() / n_kept.clamp(min=1)
+    raise ValueError(f"reduction must be 'sum', 'mean' or 'kept_mean', got {reduction!r}")
+
+
+def modx_kl_parts(image, text, image_old, text_old, *, temperature=1.0, reduction="sum", off_diagonal_only=False,
+                  image_all=None, text_all=None, image_old_all=None, text_old_all=None, row_offset=0):
+    """(kl_i2t, kl_t2i, kept_i2t, kept_t2i) of SPEC §5.1.
+
+    Data-parallel: local rows against the gathered columns (`*_all`); `mean` divides by the global
+    B and `kept_mean` by the global kept count, so the per-rank values sum to the full-batch value;
+    the kept counts returned are local."""
+    B = _dp_args(image, text, image_all, text_all, row_offset, (image_old_all, text_old_all))
+    if B is None:
+        s = similarity(image, text)
+        s_old = similarity(image_old, text_old).detach()
+        kl_i, mask_i = _masked_kl_rows(s, s_old, temperature, off_diagonal_only)
+        kl_t, mask_t = _masked_kl_rows(s.T, s_old.T, temperature, off_diagonal_only)
+        return (_reduce(kl_i, mask_i, reduction), _reduce(kl_t, mask_t, reduction),
+                mask_i.sum(), mask_t.sum())
+    if image_old_all is None or text_old_all is None:
+        raise ValueError("data-parallel modx needs image_old_all and text_old_all")
+    image_old_all, text_old_all = image_old_all.detach(), text_old_all.detach()
+    kl_i, mask_i = _masked_kl_rows(similarity(image, text_all), similarity(image_old, text_old_all).detach(),
+                                   temperature, off_diagonal_only, row_offset)
+    kl_t, mask_t = _masked_kl_rows(similarity(text, image_all), similarity(text_old, image_old_all).detach(),
+                                   temperature, off_diagonal_only, row_offset)
+    s_all = similarity(image_old_all, text_old_all)
+    ar = torch.arange(B, device=s_all.device)
+    n_i, n_t = (s_all.argmax(1) == ar).sum(), (s_all.argmax(0) == ar).sum()
+    return (_reduce(kl_i, mask_i, reduction, B, n_i), _reduce(kl_t, mask_t, reduction, B, n_t),
+            mask_i.sum(), mask_t.sum())
+
+
+def modx_kl(image, text, image_old, text_old, *, temperature=1.0, reduction="sum", off_diagonal_only=False, **dp):
+    kl_i, kl_t, _, _ = modx_kl_parts(image, text, image_old, text_old, temperature=temperature,
+                                     reduction=reduction, off_diagonal_only=off_diagonal_only, **dp)
+    return 0.5 * (kl_i + kl_t)
+
+
+def modx_loss_parts(image, text, image_old, text_old, logit_scale, *, temperature=1.0, reduction="sum",
+                    off_diagonal_only=False, **dp):
+    """(clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i)."""
+    clip = clip_loss(image, text, logit_scale, image_all=dp.get("image_all"), text_all=dp.get("text_all"),
+                     row_offset=dp.get("row_offset", 0))
+    return (clip, *modx_kl_parts(image, text, image_old, text_old, temperature=temperature,
+                                 reduction=reduction, off_diagonal_only=off_diagonal_only, **dp))
+
+
+def retrieval_ranks(image, text, caption_image=None):
+    """0-based rank of each positive: (image→text ranks [N_images], text→image ranks [N_texts]).
+
+    Rank = number of gallery items scoring strictly higher than the positive, plus those scoring
+    equal with a smaller index (the order a stable descending sort gives). With several captions
+    per image (`caption_image[c]` = image row of caption c), an image's rank is that of its best caption.
+    """
+    s = similarity(image, text)  # [N_img, N_txt]
+    n_img, n_txt = s.shape
+    if caption_image is None:
+        if n_img != n_txt:
+            raise ValueError("image and text must have the same number of rows without caption_image")
+        caption_image = torch.arange(n_img, device=s.device)
+    caption_image = caption_image.to(s.device)
+    cols = torch.arange(n_txt, device=s.device)
+    rows = torch.arange(n_img, device=s.device)
+    # text→image: for caption c, positive image caption_image[c]
+    st = s.T  # [N_txt, N_img]
+    pos_t = st[cols, caption_image].unsqueeze(1)
+    t2i = ((st > pos_t) | ((st == pos_t) & (rows.unsqueeze(0) < caption_image.unsqueeze(1)))).sum(1)
+    # image→text: rank of each of its captions, best one kept
+    pos_i = s[caption_image, cols]  # score of caption c with its own image
+    per_caption = ((s[caption_image] > pos_i.unsqueeze(1)) |
+                   ((s[caption_image] == pos_i.unsqueeze(1)) & (cols.unsqueeze(0) < cols.unsqueeze(1)))).sum(1)
+    i2t = torch.full((n_img,), n_txt, dtype=torch.long, device=s.device)
+    i2t = i2t.scatter_reduce(0, caption_image, per_caption, reduce="amin")
+    return i2t, t2i
+
+
+def topk(queries, gallery, k):
+    return torch.topk(similarity(queries, gallery), k, dim=1)
