@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -18,8 +19,37 @@ else:  # pragma: no cover
 
 DEFAULT_EXPERIMENT = "shapes_5phase.toml"
 
+
+class TableList:
+    """Schema entry for a TOML array of tables (`[[data.sources]]`): each table is validated against
+    `template` (missing keys take its defaults); the default value is an empty list."""
+
+    def __init__(self, template: dict):
+        self.template = template
+
+
+# One source of real image-text data in a "datasets" stream ([[data.sources]], geomlab.data.phases).
+SOURCE_TEMPLATE: dict = {
+    "name": "",                  # phase / probe names derive from it
+    "format": "",                # coco | karpathy | csv | wds
+    "role": "train",             # train (phases) | probe (probe sets)
+    "path": "",                  # annotation JSON, Karpathy JSON, CSV/TSV file, or tar shards ("a-{000..009}.tar")
+    "images": "",                # image folder (coco, karpathy; csv: default = the CSV's folder)
+    "splits": ["train"],         # karpathy: which "split" values to keep (train, restval, val, test)
+    "k": 1,                      # split into k equal parts by index, one phase (probe set) each
+    "shuffle": False,            # seeded permutation before the index split (paper: contiguous, false)
+    "key": "",                   # split by this column (csv) / image field (json) / member extension (wds)
+    "key_values": [],            # phase order of the key's values (default: sorted)
+    "limit": 0,                  # keep only the first `limit` images (0 = all)
+    "img_key": "filepath",       # csv: image column (open_clip's --csv-img-key)
+    "caption_key": "title",      # csv: caption column (open_clip's --csv-caption-key)
+    "separator": "",             # csv: "" = tab for .tsv/.tab files, comma otherwise
+    "image_ext": ["jpg", "jpeg", "png", "webp"],   # wds: image member extensions
+    "caption_ext": "txt",        # wds: caption member extension (one caption per line)
+}
+
 # Every valid key with its default. A list default means "list of that element type"; a dict is a
-# section (or a stream's own options, e.g. [data.shapes]).
+# section (or a stream's own options, e.g. [data.shapes]); a TableList is an array of tables.
 SCHEMA: dict = {
     "run": {
         "name": "run",
@@ -38,6 +68,13 @@ SCHEMA: dict = {
         "on_bad_sample": "error",    # error | skip
         "num_workers": 0,
         "shapes": {"domains": 5, "train_size": 4000},
+        "root": "",                  # real data: relative source paths resolve against it ("" = cwd)
+        "datasets": {                # options of the "datasets" stream (real data, geomlab.data.phases)
+            "train_captions": "all",     # all: every caption is a pair | first | random: one per image
+            "augment": False,            # true: open_clip's training transform (random crop)
+            "verify_images": False,      # decode every image up front (always done with on_bad_sample=skip)
+        },
+        "sources": TableList(SOURCE_TEMPLATE),
     },
     "train": {
         "batch_size": 64,
@@ -68,6 +105,9 @@ CHOICES = {
     ("run", "device"): ("auto", "cpu", "cuda"),
     ("model", "precision"): ("fp32", "bf16", "fp16", "amp", "amp_bf16"),
     ("data", "on_bad_sample"): ("error", "skip"),
+    ("data", "datasets", "train_captions"): ("all", "first", "random"),
+    ("data", "sources", "format"): ("coco", "karpathy", "csv", "wds"),
+    ("data", "sources", "role"): ("train", "probe"),
     ("modx", "reduction"): ("sum", "mean", "kept_mean"),
 }
 
@@ -118,16 +158,31 @@ def _merge(base: dict, update: dict, schema: dict, prefix: str = "") -> None:
             hint = difflib.get_close_matches(key, list(schema), n=1)
             hint = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; valid keys here: {valid}")
-        if isinstance(schema[key], dict):
+        if isinstance(schema[key], TableList):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"config key {path!r} must be a list of tables ([[{path}]]), got {value!r}")
+            tables = []
+            for i, v in enumerate(value):
+                table = _defaults(schema[key].template)
+                _merge(table, v, schema[key].template, prefix=f"{path}[{i}].")
+                tables.append(table)
+            base[key] = tables
+        elif isinstance(schema[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a section, got {value!r}")
             _merge(base.setdefault(key, {}), value, schema[key], prefix=f"{path}.")
         else:
             value = _check_value(path, value, schema[key])
-            choices = CHOICES.get(tuple(path.split(".")))
+            choices = CHOICES.get(tuple(re.sub(r"\[\d+\]", "", path).split(".")))
             if choices and value not in choices:
                 raise ConfigError(f"config key {path!r} must be one of {', '.join(choices)}, got {value!r}")
             base[key] = value
+
+
+def _defaults(schema: dict) -> dict:
+    """A deep copy of `schema` with every TableList replaced by its default, an empty list."""
+    return {k: _defaults(v) if isinstance(v, dict) else [] if isinstance(v, TableList) else copy.deepcopy(v)
+            for k, v in schema.items()}
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
@@ -156,7 +211,7 @@ def load_toml(path) -> dict:
 
 def resolve(file_values: dict, overrides: list[str] = (), source: str = "config") -> dict:
     """Defaults <- file values <- overrides, validated."""
-    config = copy.deepcopy(SCHEMA)
+    config = _defaults(SCHEMA)
     try:
         _merge(config, file_values, SCHEMA)
     except ConfigError as e:

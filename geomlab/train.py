@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from geomlab import __version__
 from geomlab.config import ConfigError, dumps, load_config
-from geomlab.data import build_stream
+from geomlab.data import DataError, build_stream
+from geomlab.data.readers import model_transforms
 from geomlab.embed import embed_probe
 from geomlab.geometry import retrieval_metrics
 from geomlab.io import append_jsonl, atomic_torch_save, load_checkpoint
@@ -133,6 +136,27 @@ def batch_indices(seed: int, salt: int, n: int, batch_size: int, step: int) -> l
     return out
 
 
+class StepBatches(Sampler):
+    """Batch sampler over steps start..total-1: yields this rank's slice of each step's indices."""
+
+    def __init__(self, seed, salt, n, batch_size, start, total, rank=0, world=1):
+        self.args = (seed, salt, n, batch_size)
+        self.start, self.total, self.rank, self.per_rank = start, total, rank, batch_size // world
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            idx = batch_indices(*self.args, step)
+            yield idx[self.rank * self.per_rank: (self.rank + 1) * self.per_rank]
+
+
+def collate(tokenizer, items):
+    """(image, caption, id) items -> (images [B, C, H, W], tokens [B, context])."""
+    return torch.stack([it[0] for it in items]), tokenizer([it[1] for it in items])
+
+
 def make_optimizer(model, config):
     t = config["train"]
     # As open_clip: no weight decay on gains, biases, embeddings' norms and the logit scale.
@@ -166,7 +190,7 @@ class Trainer:
         m = config["model"]
         self.model, self.tokenizer = create_model(m["name"], m["pretrained"] or None, m["precision"], self.device)
         self.stream = build_stream(config["data"]["stream"], config["data"], image_size=image_size(self.model),
-                                   preprocess=None, seed=config["run"]["seed"])
+                                   preprocess=model_transforms(self.model), seed=config["run"]["seed"])
         self.num_phases = len(self.stream.phases)
         self.bar = None
 
@@ -195,21 +219,27 @@ class Trainer:
 
     # -- one phase
 
-    def fetch_batch(self, data, salt: int, step: int):
-        """This rank's share of batch `step`: (images, tokens) on the device."""
-        t, per_rank = self.config["train"], self.config["train"]["batch_size"] // self.dist.world
-        idx = batch_indices(self.config["run"]["seed"], salt, len(data), t["batch_size"], step)
-        items = [data[i] for i in idx[self.dist.rank * per_rank: (self.dist.rank + 1) * per_rank]]
-        images = torch.stack([it[0] for it in items]).to(self.device, non_blocking=True)
-        tokens = self.tokenizer([it[1] for it in items]).to(self.device, non_blocking=True)
-        return images, tokens
+    def batches(self, data, salt: int, start: int, total: int):
+        """(images, tokens) of steps start..total-1, this rank's share, on the device. Loaded by
+        DataLoader workers (data.num_workers) in the order the step numbers alone determine."""
+        t = self.config["train"]
+        sampler = StepBatches(self.config["run"]["seed"], salt, len(data), t["batch_size"], start, total,
+                              self.dist.rank, self.dist.world)
+        workers = self.config["data"]["num_workers"]
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=workers,
+                            collate_fn=functools.partial(collate, self.tokenizer),
+                            pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        for images, tokens in loader:
+            yield images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
 
     def train_step(self, strategy, optimizer, images, tokens, lr: float):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        image, text = encode(self.model, images, tokens)
+        # The model's own forward (not encode_*), so that DistributedDataParallel sees the step.
+        image, text, logit_scale = self.model(images, tokens)[:3]
         feats = Features(image=image, text=text, image_all=self.dist.gather(image),
-                         text_all=self.dist.gather(text), logit_scale=unwrap(self.model).logit_scale.exp(),
+                         text_all=self.dist.gather(text), logit_scale=logit_scale,
                          row_offset=self.dist.rank * image.shape[0])
         loss, parts = strategy.loss(images, tokens, feats)
         optimizer.zero_grad(set_to_none=True)
@@ -246,8 +276,7 @@ class Trainer:
 
         self.model.train()
         self.bar.set_description(f"{where} phase {phase}/{self.num_phases - 1}")
-        for step in range(start, total):
-            images, tokens = self.fetch_batch(data, salt, step)
+        for step, (images, tokens) in enumerate(self.batches(data, salt, start, total), start=start):
             loss, parts = self.train_step(strategy, optimizer, images, tokens, lr_at(step, total, cfg))
             done = step + 1
             self.bar.update(1)
@@ -255,7 +284,7 @@ class Trainer:
                 row = {"kind": "train", "phase": phase, "step": done, "loss": loss.item(),
                        "lr": optimizer.param_groups[0]["lr"],
                        "logit_scale": unwrap(self.model).logit_scale.exp().item()}
-                row.update({k: float(v) for k, v in parts.items()})
+                row.update({k: float(v.detach()) for k, v in parts.items()})
                 append_jsonl(self.run.strategy_dir(where) / "metrics.jsonl", row)
                 self.bar.set_postfix(loss=f"{loss.item():.3f}")
             if done == total or (every and done % every == 0):
@@ -296,24 +325,36 @@ def main(argv=None) -> int:
     try:
         config = resolve_config(args)
         run = RunDir(Path(args.out) if args.out else Path("runs") / config["run"]["name"])
-        run.check(config, dumps(config), resume=args.resume)
         dist = init_distributed(config["run"]["device"] if config["run"]["device"] != "auto"
                                 else ("cuda" if torch.cuda.is_available() else "cpu"))
+        run.check(config, dumps(config), resume=args.resume)  # every rank, before any rank writes
         torch.manual_seed(config["run"]["seed"])
         trainer = Trainer(config, run, dist)  # builds the model and the data stream; writes nothing
     except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
         print(f"geomlab.train: error: {e}", file=sys.stderr)
         return 2
+    trainer.barrier()
     if dist.main:
         run.create(dumps(config))
         run.write_run_json(config, trainer, __version__)
     if dist.world > 1:
         trainer.model = torch.nn.parallel.DistributedDataParallel(trainer.model)
-        torch.distributed.barrier()
-    trainer.fit()
+    trainer.barrier()
+    try:
+        trainer.fit()
+    except DataError as e:  # a bad record found while loading (e.g. a truncated image, in a worker)
+        if trainer.bar is not None:
+            trainer.bar.close()
+        print(f"geomlab.train: error: {e}", file=sys.stderr)
+        return 2
     if dist.main:
         run.write_run_json(config, trainer, __version__)
         print(run.summary(config))
+        if trainer.stream.skipped:
+            print(f"skipped {len(trainer.stream.skipped)} bad record(s) (data.on_bad_sample = \"skip\"); "
+                  f"listed in {run.root / 'run.json'} under skipped_records")
+    if dist.world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

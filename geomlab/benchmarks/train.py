@@ -2,9 +2,14 @@
 
 The bare loop is what a researcher would write by hand: same model, batch and optimizer, open_clip's
 ClipLoss, the logit-scale clamp, no checkpoints. geomlab's steps run through the trainer's own
-`fetch_batch` and `train_step`. Targets: finetune <= 1.15x bare, modx <= 1.5x finetune.
+`batches` (DataLoader) and `train_step`. Targets: finetune <= 1.15x bare, modx <= 1.5x finetune.
 Variants are timed in interleaved blocks and the median block is reported, so that a slow moment
 of the machine does not land on one variant only.
+
+`--data csv` trains on a CSV image-text list instead (`--csv FILE`, or a generated one of real JPEGs)
+and adds a `loader` row: the same DataLoader path with no training step, so its images/s against
+the training variants' images/s shows whether loading (decode + open_clip transform, with
+data.num_workers workers) is the bottleneck.
 """
 from __future__ import annotations
 
@@ -27,15 +32,52 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks per variant (interleaved)")
     p.add_argument("--config", default=None, help="experiment TOML (default: the embedded one)")
+    p.add_argument("--data", default="shapes", choices=["shapes", "csv"], help="training data (default shapes)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="CSV with filepath,title columns (--data csv); "
+                   "default: a generated one of --csv-images real JPEGs of --csv-px pixels")
+    p.add_argument("--csv-images", type=int, default=512)
+    p.add_argument("--csv-px", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=None, help="data.num_workers (default: the config's)")
 
 
 def _trainer(args):
     from geomlab.config import load_config
     from geomlab.rundir import RunDir
     from geomlab.train import Dist, Trainer
-    config = load_config(args.config, [f"model.name={args.model!r}", f"train.batch_size={args.batch_size}",
-                                       f"run.device={args.device!r}"])
+    overrides = [f"model.name={args.model!r}", f"train.batch_size={args.batch_size}", f"run.device={args.device!r}"]
+    if args.num_workers is not None:
+        overrides.append(f"data.num_workers={args.num_workers}")
+    if args.data == "csv":
+        overrides += csv_overrides(args)
+    config = load_config(args.config, overrides)
     return Trainer(config, RunDir(tempfile.mkdtemp(prefix="geomlab-bench-")), Dist())
+
+
+def _write_jpegs(folder, name, n, px, start):
+    import numpy as np
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["filepath,title"]
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        y, x = np.mgrid[:px, :px]
+        a = np.stack([(x * (i % 7 + 1) + y) % 256, (y * (i % 5 + 1)) % 256, (x + y * i) % 256], -1).astype(np.uint8)
+        a = np.clip(a.astype(np.int16) + rng.integers(-20, 20, a.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(folder / f"{i}.jpg", quality=90)
+        rows.append(f"{i}.jpg,a synthetic picture number {i} with pattern {i % 7} and {i % 5}")
+    (folder / name).write_text("\n".join(rows) + "\n")
+    return folder / name
+
+
+def csv_overrides(args) -> list[str]:
+    """A "datasets" stream over the CSV (plus a small generated probe CSV, which the stream needs)."""
+    from pathlib import Path
+    tmp = Path(tempfile.mkdtemp(prefix="geomlab-bench-csv-"))
+    train_csv = Path(args.csv).resolve() if args.csv else _write_jpegs(tmp, "train.csv", args.csv_images, args.csv_px, 0)
+    probe_csv = _write_jpegs(tmp / "probe", "probe.csv", 8, 64, 10 ** 6)
+    return ['data.stream="datasets"', "data.probe_size=8",
+            f'data.sources=[{{name="csv", format="csv", path="{train_csv}"}}, '
+            f'{{name="probe", format="csv", role="probe", path="{probe_csv}"}}]']
 
 
 def _variants(trainer):
@@ -45,7 +87,7 @@ def _variants(trainer):
 
     base_weights = copy.deepcopy(trainer.model.state_dict())
     cfg = trainer.config
-    data = trainer.stream.phases[1].train
+    data = trainer.stream.phases[min(1, len(trainer.stream.phases) - 1)].train
     variants = {}
 
     # bare: a hand-written open_clip loop on the same batches
@@ -53,8 +95,7 @@ def _variants(trainer):
     bare_opt = make_optimizer(bare_model, cfg)
     clip_loss = ClipLoss()
 
-    def bare(i):
-        images, tokens = trainer.fetch_batch(data, 0, i)
+    def bare(i, images, tokens):
         for g in bare_opt.param_groups:
             g["lr"] = lr_at(i, 1000, cfg)
         image, text, scale = bare_model(images, tokens)
@@ -73,40 +114,56 @@ def _variants(trainer):
         strategy = trainer.make_strategy(name, 1)
         opt = make_optimizer(model, cfg)
 
-        def step(i, model=model, strategy=strategy, opt=opt):
+        def step(i, images, tokens, model=model, strategy=strategy, opt=opt):
             trainer.model = model
-            images, tokens = trainer.fetch_batch(data, 0, i)
             trainer.train_step(strategy, opt, images, tokens, lr_at(i, 1000, cfg))
         variants[name] = step
-    return variants
+    if trainer.config["data"]["stream"] != "shapes":
+        variants["loader"] = lambda i, images, tokens: None  # the DataLoader path alone
+    return variants, data
 
 
 def run(args) -> int:
     trainer = _trainer(args)
-    variants = _variants(trainer)
+    variants, data = _variants(trainer)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     blocks = {name: [] for name in variants}
     for name, step in variants.items():  # warm-up
-        for i in range(3):
-            step(i)
+        for i, (images, tokens) in enumerate(trainer.batches(data, 0, 0, 3)):
+            step(i, images, tokens)
     for b in range(args.blocks):
         for name, step in variants.items():
+            first = 3 + b * args.steps
             sync()
             t0 = time.perf_counter()
-            for i in range(args.steps):
-                step(3 + b * args.steps + i)
+            # Every variant loads its batches through the trainer's DataLoader, as a bare loop would.
+            for i, (images, tokens) in enumerate(trainer.batches(data, 0, first, first + args.steps), start=first):
+                step(i, images, tokens)
             sync()
             blocks[name].append((time.perf_counter() - t0) / args.steps)
     ms = {name: 1000 * statistics.median(times) for name, times in blocks.items()}
     rows = []
     for name in variants:
         row = {"variant": name, "ms_per_step": ms[name], "model": args.model, "batch": args.batch_size,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "images_per_s": 1000 * args.batch_size / ms[name],
+               "workers": trainer.config["data"]["num_workers"]}
         if name in TARGETS:
             ref, target = TARGETS[name]
             row.update({"vs": ref, "ratio": ms[name] / ms[ref], "target": target,
                         "meets": ms[name] / ms[ref] <= target})
         rows.append(row)
     print_table(rows)
+    if "loader" in ms:
+        # Workers = 0: loading runs serially inside every step, so it bounds the step once it takes
+        # half of it. Workers > 0: it overlaps the step, and bounds it once the loader alone is
+        # nearly as slow as the step (the step then waits for data).
+        workers = trainer.config["data"]["num_workers"]
+        fastest = min(v for n, v in ms.items() if n != "loader")
+        share = ms["loader"] / fastest
+        limit = 0.8 if workers else 0.5
+        print(f"loader alone: {1000 * args.batch_size / ms['loader']:.0f} images/s with {workers} worker(s); "
+              f"fastest training step: {1000 * args.batch_size / fastest:.0f} images/s (loading included). "
+              f"Loading = {100 * share:.0f}% of that step's time: it {'IS' if share >= limit else 'is not'} "
+              f"the bottleneck ({'serial' if not workers else 'overlapped'} loading; limit {100 * limit:.0f}%).")
     write_json(args.json, "train", rows)
     return 0

@@ -13,6 +13,23 @@ import torch
 from torch.utils.data import Dataset
 
 
+class DataError(ValueError):
+    """A bad data file or record (missing or unreadable image, bad caption, malformed annotations).
+
+    The message names the file and the record. Raised inside a DataLoader worker, torch re-raises it
+    in the main process with the worker's traceback folded into the message; the constructor keeps
+    only the original one-line message, so `str(e)` is always that line.
+    """
+
+    def __init__(self, message: str = ""):
+        message = str(message)
+        if "Original Traceback" in message:
+            lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+            last = lines[-1] if lines else message
+            message = last.split("DataError: ", 1)[1] if "DataError: " in last else last
+        super().__init__(message)
+
+
 @dataclass
 class Phase:
     name: str
@@ -53,7 +70,7 @@ def register_stream(name: str):
 
 
 def build_stream(name: str, options: dict, *, image_size: int, preprocess, seed: int) -> Stream:
-    from . import shapes  # noqa: F401  (registers "shapes")
+    from . import phases, shapes  # noqa: F401  (register "datasets" and "shapes")
     if name not in STREAMS:
         raise ValueError(f"data.stream: unknown stream {name!r}; valid: {', '.join(sorted(STREAMS))}")
     return STREAMS[name](options, image_size=image_size, preprocess=preprocess, seed=seed)

@@ -1,0 +1,384 @@
+"""Real image-text data (SPEC §4, issue 5): COCO, Karpathy JSON, CSV and webdataset readers, phase
+builders, multi-caption retrieval, bad input. Tiny datasets of real JPEG/PNG files in tmp_path."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import geomlab  # noqa: F401  (registers geomlab's model configs with open_clip)
+from geomlab import train
+from geomlab.config import ConfigError, load_config
+from geomlab.data import DataError, build_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
+SHAPES = ["square", "circle", "stripe", "dot"]
+
+
+def image_bytes(i: int, fmt: str = "JPEG", size=(40, 36)) -> bytes:
+    from PIL import Image
+    rng = np.random.default_rng(i)
+    a = np.zeros((size[1], size[0], 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
+    a[i % 7: i % 7 + 12, (3 * i) % 20: (3 * i) % 20 + 14] = rng.integers(0, 255, 3, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def captions(i: int, n: int = 5) -> list[str]:
+    return [f"a {WORDS[i % 8]} {SHAPES[(i // 8) % 4]} number {i} view {j}" for j in range(n)]
+
+
+def write_image(path: Path, i: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image_bytes(i, "PNG" if path.suffix == ".png" else "JPEG"))
+
+
+def make_coco(root: Path, n: int = 10, start: int = 0) -> None:
+    images, anns = [], []
+    for i in range(start, start + n):
+        name = f"{i:012d}.jpg"
+        write_image(root / "coco" / "train2017" / name, i)
+        images.append({"id": 1000 + i, "file_name": name, "width": 40, "height": 36})
+        anns += [{"id": 10 * i + j, "image_id": 1000 + i, "caption": c} for j, c in enumerate(captions(i))]
+    (root / "coco" / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "coco" / "annotations" / "captions_train2017.json").write_text(
+        json.dumps({"info": {}, "images": images, "annotations": anns}))
+
+
+def make_karpathy(root: Path, n_train: int = 12, n_test: int = 6) -> None:
+    images = []
+    for k in range(n_train + n_test):
+        i = 100 + k
+        name = f"{i}.{'png' if k % 2 else 'jpg'}"     # real JPEG and PNG files
+        write_image(root / "flickr30k" / "images" / name, i)
+        images.append({"filename": name, "imgid": k, "split": "train" if k < n_train else "test",
+                       "sentids": list(range(5 * k, 5 * k + 5)),
+                       "sentences": [{"raw": c, "tokens": c.split(), "imgid": k} for c in captions(i)]})
+    (root / "flickr30k" / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+
+
+def make_csv(root: Path, n: int = 8, bad: str | None = None, name: str = "train.csv") -> Path:
+    rows = ["filepath,title,domain"]
+    for k in range(n):
+        i = 200 + k
+        write_image(root / "csv" / "img" / f"{i}.jpg", i)
+        for c in captions(i, 2):
+            rows.append(f"img/{i}.jpg,{c},{'indoor' if k % 2 else 'outdoor'}")
+    path = root / "csv" / name
+    path.write_text("\n".join(rows) + "\n")
+    if bad == "truncated":   # an unreadable image among good ones
+        data = (root / "csv" / "img" / "203.jpg").read_bytes()
+        (root / "csv" / "img" / "203.jpg").write_bytes(data[: len(data) // 2])
+    return path
+
+
+def make_wds(root: Path, shards: int = 2, per_shard: int = 5, prefix: str = "train") -> None:
+    import webdataset as wds
+    (root / "wds").mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with wds.TarWriter(str(root / "wds" / f"{prefix}-{s:03d}.tar")) as sink:
+            for k in range(per_shard):
+                i = 300 + (0 if prefix == "train" else 50) + s * per_shard + k
+                sink.write({"__key__": f"{s:03d}{k:04d}", "jpg": image_bytes(i), "txt": "\n".join(captions(i, 3))})
+
+
+def config_text(root: Path, sources: list[dict], **data) -> str:
+    lines = ['[run]', 'name = "real"', 'strategies = ["finetune"]', '[model]', 'name = "geomlab-tiny"',
+             '[data]', 'stream = "datasets"', f'root = "{root}"', 'probe_size = 0']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in data.items()]
+    lines += ['[train]', 'batch_size = 8', 'base_steps = 2', 'steps = 2', 'log_every = 1', 'eval_batch_size = 16']
+    for s in sources:
+        lines.append("[[data.sources]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in s.items()]
+    return "\n".join(lines) + "\n"
+
+
+def data_config(root: Path, sources: list[dict], **data) -> dict:
+    import tomllib
+    from geomlab.config import resolve
+    return resolve(tomllib.loads(config_text(root, sources, **data)))["data"]
+
+
+FLICKR_TEST = {"name": "flickr30k_test", "format": "karpathy", "role": "probe",
+               "path": "flickr30k/dataset_flickr30k.json", "images": "flickr30k/images", "splits": ["test"]}
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_sources_are_a_validated_list_of_tables(tmp_path):
+    src = '[{name="a", format="csv", path="x.csv", k=2}]'
+    cfg = load_config(None, [f"data.sources={src}"])
+    (s,) = cfg["data"]["sources"]
+    assert s["k"] == 2 and s["img_key"] == "filepath" and s["role"] == "train" and s["key_values"] == []
+    assert load_config(None)["data"]["sources"] == []
+    for bad, name in [('[{name="a", formt="csv"}]', "data.sources[0].formt"),
+                      ('[{name="a", format="tar"}]', "data.sources[0].format"),
+                      ('[{name="a", k="two"}]', "data.sources[0].k"), ("3", "data.sources")]:
+        with pytest.raises(ConfigError, match=name.replace("[", r"\[").replace("]", r"\]")):
+            load_config(None, [f"data.sources={bad}"])
+
+
+# ----------------------------------------------------------------------------- readers and phases
+
+def test_readers_and_phase_builders(tmp_path):
+    make_coco(tmp_path)
+    make_karpathy(tmp_path)
+    make_csv(tmp_path)
+    make_wds(tmp_path)
+    sources = [
+        {"name": "coco", "format": "coco", "path": "coco/annotations/captions_train2017.json",
+         "images": "coco/train2017"},
+        {"name": "flickr30k", "format": "karpathy", "path": "flickr30k/dataset_flickr30k.json",
+         "images": "flickr30k/images", "k": 5},
+        {"name": "csv", "format": "csv", "path": "csv/train.csv", "key": "domain", "key_values": ["outdoor", "indoor"]},
+        {"name": "wds", "format": "wds", "path": "wds/train-{000..001}.tar"},
+        FLICKR_TEST,
+    ]
+    s = build_stream("datasets", data_config(tmp_path, sources), image_size=32, preprocess=None, seed=3)
+    names = [p.name for p in s.phases]
+    assert names == ["coco", *[f"flickr30k_{p}of5" for p in range(1, 6)], "csv_outdoor", "csv_indoor", "wds"]
+    # index split: 12 images into 5 contiguous parts of equal size (+-1), every caption a pair
+    fl = s.phases[1:6]
+    assert [p.train.n_images for p in fl] == [2, 2, 3, 2, 3] and [len(p.train) for p in fl] == [10, 10, 15, 10, 15]
+    assert fl[0].train.records[0].ref.startswith("images[0]") and fl[4].train.records[-1].ref.startswith("images[11]")
+    assert [p.train.n_images for p in s.phases[6:8]] == [4, 4] and len(s.phases[6].train) == 8
+    assert s.phases[8].train.n_images == 10 and len(s.phases[8].train) == 30
+    img, cap, sid = s.phases[0].train[6]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and cap == captions(1)[1] and sid == 1 * 1000 + 1
+    img, cap, sid = s.phases[1].train[5]   # a PNG
+    assert img.shape == (3, 32, 32) and cap == captions(101)[0]
+    (probe,) = s.probes
+    assert probe.name == "flickr30k_test" and len(probe.ids) == 6 and len(probe.captions) == 30
+    assert probe.caption_image.tolist() == [i for i in range(6) for _ in range(5)]
+    assert not probe.one_caption_per_image and probe.images[0].shape == (3, 32, 32)
+    info = s.info
+    assert info["seed"] == 3 and info["sources"][1]["bounds"] == [0, 2, 4, 7, 9, 12]
+    assert info["sources"][2]["values"] == ["outdoor", "indoor"] and not s.skipped
+    json.dumps(info)  # recorded in run.json
+
+    # a seeded permutation before the split: reproducible, and it differs from the contiguous split
+    shuffled = dict(sources[1], shuffle=True)
+    a, b = (build_stream("datasets", data_config(tmp_path, [shuffled, FLICKR_TEST]), image_size=32,
+                         preprocess=None, seed=seed) for seed in (3, 3))
+    c = build_stream("datasets", data_config(tmp_path, [shuffled, FLICKR_TEST]), image_size=32, preprocess=None, seed=4)
+    order = lambda st: [r.ref for p in st.phases for r in p.train.records]  # noqa: E731
+    contiguous = [r.ref for p in fl for r in p.train.records]
+    assert order(a) == order(b) != order(c) and order(a) != contiguous and sorted(order(a)) == sorted(contiguous)
+    assert a.info["sources"][0]["order_sha1"] != s.info["sources"][1]["order_sha1"]
+
+
+def test_probe_images_must_be_held_out(tmp_path):
+    make_karpathy(tmp_path)
+    train_src = {"name": "f", "format": "karpathy", "path": "flickr30k/dataset_flickr30k.json",
+                 "images": "flickr30k/images", "splits": ["train", "test"]}
+    with pytest.raises(DataError, match="both train source"):
+        build_stream("datasets", data_config(tmp_path, [train_src, FLICKR_TEST]), image_size=32, preprocess=None, seed=0)
+
+
+def _bad_inputs(root: Path):
+    """(name, sources, expected text in the error) for each kind of bad input."""
+    make_karpathy(root)
+    make_coco(root, n=4)
+    make_csv(root, n=4)
+    coco = {"name": "coco", "format": "coco", "path": "coco/annotations/captions_train2017.json",
+            "images": "coco/train2017"}
+    ann = json.loads((root / "coco/annotations/captions_train2017.json").read_text())
+    cases = []
+
+    ann3 = json.loads(json.dumps(ann))
+    ann3["images"][2]["file_name"] = "000000000099.jpg"
+    (root / "coco/annotations/missing.json").write_text(json.dumps(ann3))
+    cases.append(("missing image", [dict(coco, path="coco/annotations/missing.json")],
+                  ["000000000099.jpg", "image id 1002", "does not exist"], True))
+
+    ann2 = json.loads(json.dumps(ann))
+    ann2["annotations"][6]["caption"] = "   "
+    (root / "coco/annotations/empty.json").write_text(json.dumps(ann2))
+    cases.append(("empty caption", [dict(coco, path="coco/annotations/empty.json")],
+                  ["empty.json", "image id 1001", "empty caption"], True))
+
+    (root / "coco/annotations/nokeys.json").write_text(json.dumps({"images": ann["images"]}))
+    cases.append(("JSON without keys", [dict(coco, path="coco/annotations/nokeys.json")],
+                  ["nokeys.json", "'annotations'"], False))
+    kp = json.loads((root / "flickr30k/dataset_flickr30k.json").read_text())
+    del kp["images"][3]["sentences"]
+    (root / "flickr30k/nosent.json").write_text(json.dumps(kp))
+    cases.append(("Karpathy record without sentences",
+                  [{"name": "f", "format": "karpathy", "path": "flickr30k/nosent.json", "images": "flickr30k/images"}],
+                  ["nosent.json", "images[3]", "'sentences'"], False))
+
+    csv_src = {"name": "csv", "format": "csv", "path": "csv/train.csv", "caption_key": "caption"}
+    cases.append(("CSV without the column", [csv_src], ["train.csv", "'caption'", "caption_key", "'title'"], False))
+
+    raw = (root / "csv/train.csv").read_bytes().splitlines(keepends=True)
+    raw[3] = raw[3].replace(b"a ", b"\xff\xfe ", 1)
+    (root / "csv/latin.csv").write_bytes(b"".join(raw))
+    cases.append(("CSV text not UTF-8", [dict(csv_src, path="csv/latin.csv", caption_key="title")],
+                  ["latin.csv", "line 4", "not UTF-8"], True))
+    (root / "flickr30k/latin.json").write_bytes(b'{"images": [{"filename": "caf\xe9.jpg"}]}')
+    cases.append(("JSON not UTF-8", [{"name": "f", "format": "karpathy", "path": "flickr30k/latin.json",
+                                      "images": "flickr30k/images"}], ["latin.json", "line 1", "not UTF-8"], False))
+    return cases
+
+
+def test_bad_input_is_a_clear_error_or_a_counted_skip(tmp_path, capsys):
+    for name, sources, words, skippable in _bad_inputs(tmp_path):
+        cfg = data_config(tmp_path, [*sources, FLICKR_TEST])
+        with pytest.raises(DataError) as e:
+            build_stream("datasets", cfg, image_size=32, preprocess=None, seed=0)
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and all(w in msg for w in words), (name, msg)
+        cfg["on_bad_sample"] = "skip"
+        if skippable:
+            s = build_stream("datasets", cfg, image_size=32, preprocess=None, seed=0)
+            assert len(s.skipped) == 1 and s.info["skipped"] == 1, (name, s.skipped)
+            assert words[0] in s.skipped[0]["file"] and "skipped" in capsys.readouterr().err
+        else:  # structural problems (no record to skip) stay errors
+            with pytest.raises(DataError):
+                build_stream("datasets", cfg, image_size=32, preprocess=None, seed=0)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def brute_force_metrics(image: torch.Tensor, text: torch.Tensor, owner: torch.Tensor) -> dict:
+    s = (image.double() @ text.double().T).numpy()          # [N, M]
+    owner = owner.numpy()
+    i2t = []
+    for i in range(s.shape[0]):
+        order = np.argsort(-s[i], kind="stable")
+        i2t.append(min(int(np.nonzero(order == c)[0][0]) for c in np.nonzero(owner == i)[0]))
+    t2i = []
+    for c in range(s.shape[1]):
+        order = np.argsort(-s[:, c], kind="stable")
+        t2i.append(int(np.nonzero(order == owner[c])[0][0]))
+    out = {}
+    for d, r in (("image_to_text", np.array(i2t)), ("text_to_image", np.array(t2i))):
+        out[f"{d}_mean_rank"] = r.mean() + 1
+        for k in (1, 5, 10):
+            out[f"{d}_R@{k}"] = (r < k).mean()
+    # median_rank is a function of these ranks (compared exactly below); its convention for an even
+    # count (torch's lower middle vs open_clip's numpy mean of the two) is geomlab.geometry's business.
+    return out, np.array(i2t), np.array(t2i)
+
+
+def test_train_on_every_format_then_analyze(tmp_path):
+    """One CLI run over COCO (base), Flickr30K Karpathy (2 index phases), CSV (key split) and webdataset
+    phases, probed on the Karpathy test split and a webdataset probe; then the analyser; the stored
+    multi-caption retrieval equals a brute-force computation on the same embeddings."""
+    make_coco(tmp_path, n=8)
+    make_karpathy(tmp_path, n_train=8, n_test=6)
+    make_csv(tmp_path, n=4)
+    make_wds(tmp_path, shards=1, per_shard=4)
+    make_wds(tmp_path, shards=1, per_shard=4, prefix="probe")
+    sources = [
+        {"name": "coco", "format": "coco", "path": "coco/annotations/captions_train2017.json", "images": "coco/train2017"},
+        {"name": "flickr30k", "format": "karpathy", "path": "flickr30k/dataset_flickr30k.json",
+         "images": "flickr30k/images", "k": 2},
+        {"name": "csv", "format": "csv", "path": "csv/train.csv", "key": "domain"},
+        {"name": "wds", "format": "wds", "path": "wds/train-000.tar"},
+        FLICKR_TEST,
+        {"name": "wds_probe", "format": "wds", "path": "wds/probe-000.tar", "role": "probe"},
+    ]
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(config_text(tmp_path, sources, num_workers=1))
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "geomlab.train", "--config", str(cfg), "--out", str(out),
+                        "--strategies", "modx"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["phases"] == ["coco", "flickr30k_1of2", "flickr30k_2of2", "csv_indoor", "csv_outdoor", "wds"]
+    assert info["probes"] == ["flickr30k_test", "wds_probe"] and info["stream"]["stream"] == "datasets"
+    assert info["completed"] == {"base": [0], "modx": [1, 2, 3, 4, 5]}
+
+    # multi-caption retrieval as stored == brute force on the checkpoint's own embeddings
+    from geomlab import kernels
+    from geomlab.embed import embed_probe
+    from geomlab.io import load_checkpoint
+    from geomlab.models import create_model, state_dict_of
+    from geomlab.traces import read_trace
+    model, tok = create_model("geomlab-tiny")
+    ckpt = out / "modx" / "checkpoints" / "phase5_step000002.pt"
+    model.load_state_dict(state_dict_of(load_checkpoint(ckpt)))
+    stream = build_stream("datasets", load_config(cfg)["data"], image_size=32, preprocess=None, seed=0)
+    stored = [json.loads(l) for l in (out / "modx" / "metrics.jsonl").read_text().splitlines()]
+    stored = [e for e in stored if e["kind"] == "eval" and e["phase"] == 5][-1]["retrieval"]
+    trace = read_trace(out / "modx" / "traces" / "phase5_step000002.safetensors")
+    for probe in stream.probes:
+        emb = embed_probe(model, tok, probe, "cpu")
+        want, i2t, t2i = brute_force_metrics(emb.image, emb.text, probe.caption_image)
+        ranks = kernels.retrieval_ranks(emb.image, emb.text, probe.caption_image)
+        assert ranks[0].tolist() == i2t.tolist() and ranks[1].tolist() == t2i.tolist()
+        for k, v in want.items():
+            assert stored[probe.name][k] == pytest.approx(v, abs=1e-6), (probe.name, k)
+        t = trace.domains[probe.name]
+        assert t.text.shape[0] == len(probe.captions) == (5 * 6 if probe.name == "flickr30k_test" else 3 * 4)
+        assert torch.equal(t.caption_image, probe.caption_image) and torch.equal(t.ids, probe.ids)
+        assert torch.allclose(t.image.float(), emb.image, atol=2e-3)
+
+    a = subprocess.run([sys.executable, "-m", "geomlab.analyze", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert (out / "analysis" / "analysis.json").is_file() and (out / "analysis" / "report.html").is_file()
+
+
+def test_corrupted_image_error_stops_naming_it_skip_reports_one(tmp_path, capsys):
+    make_karpathy(tmp_path, n_train=2, n_test=4)
+    make_csv(tmp_path, n=6, bad="truncated")
+    sources = [{"name": "csv", "format": "csv", "path": "csv/train.csv"}, FLICKR_TEST]
+    cfg = tmp_path / "exp.toml"
+    # batch 12 = every pair of the phase: the truncated image is loaded in the first step (in a worker)
+    cfg.write_text(config_text(tmp_path, sources, num_workers=1).replace("batch_size = 8", "batch_size = 12"))
+    out = tmp_path / "err"
+    assert train.main(["--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("geomlab.train: error:") and "203.jpg" in err and "unreadable image" in err, err
+    assert "line 8" in err   # the record: the first CSV line naming that image
+
+    out = tmp_path / "skip"
+    assert train.main(["--config", str(cfg), "--out", str(out), "data.on_bad_sample=skip"]) == 0
+    cap = capsys.readouterr()
+    assert "skipped 1 bad record" in cap.out and "203.jpg" in cap.err
+    info = json.loads((out / "run.json").read_text())
+    (rec,) = info["skipped_records"]
+    assert rec["file"].endswith("203.jpg") and "unreadable image" in rec["reason"]
+    assert info["stream"]["phases"][0]["images"] == 5 and info["completed"] == {"base": [0]}
+
+
+def test_paper_configs_build_on_the_documented_layout(tmp_path):
+    """experiments/*.toml against a miniature of the layout experiments/README.md documents."""
+    make_coco(tmp_path, n=6)
+    (tmp_path / "coco/annotations/captions_train2017.json").rename(tmp_path / "coco/annotations/captions_train2014.json")
+    (tmp_path / "coco/train2017").rename(tmp_path / "coco/train2014")
+    images = []
+    for k in range(4):
+        name = f"COCO_val2014_{k:012d}.jpg"
+        write_image(tmp_path / "coco" / "val2014" / name, 400 + k)
+        images.append({"filepath": "val2014", "filename": name, "imgid": k, "split": "test", "cocoid": k,
+                       "sentences": [{"raw": c} for c in captions(400 + k)]})
+    (tmp_path / "coco/dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    make_karpathy(tmp_path, n_train=10, n_test=3)
+    (tmp_path / "flickr30k/images").rename(tmp_path / "flickr30k/flickr30k-images")
+    for name, phases in [("flickr30k_5phase", ["coco", *[f"flickr30k_{p}of5" for p in range(1, 6)]]),
+                         ("coco_to_flickr30k", ["coco", "flickr30k"])]:
+        cfg = load_config(ROOT / "experiments" / f"{name}.toml", [f"data.root={str(tmp_path)!r}"])
+        t = cfg["train"]
+        assert (t["epochs"], t["lr"], t["weight_decay"], t["eps"], t["warmup_fraction"], t["batch_size"],
+                cfg["modx"]["alpha"]) == (35, 5e-4, 0.1, 1e-8, 0.2, 280, 20.0)
+        s = build_stream("datasets", cfg["data"], image_size=32, preprocess=None, seed=0)
+        assert [p.name for p in s.phases] == phases
+        assert [(p.name, len(p.ids), len(p.captions)) for p in s.probes] == [("flickr30k_test", 3, 15), ("coco_test", 4, 20)]
+        # train_captions = "random" (as released): one item per image, a caption drawn per access
+        coco = s.phases[0].train
+        assert len(coco) == 6 and coco[2][1] in captions(2) and coco[2][2] // 1000 == coco.records[2].uid
+    assert [p.train.n_images for p in s.phases] == [6, 10]

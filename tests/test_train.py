@@ -1,0 +1,158 @@
+"""The trainer end to end on tiny runs: bad input, resume after SIGKILL, checkpoint format."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import geomlab  # noqa: F401  (registers geomlab's model configs with open_clip)
+from geomlab import train
+from geomlab.io import load_checkpoint
+from geomlab.traces import read_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.probe_size=24", "data.shapes.domains=3", "data.shapes.train_size=96", "train.batch_size=16",
+        "train.base_steps=6", "train.steps=4", "train.checkpoint_every=2", "train.log_every=2"]
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "geomlab.train", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def snapshot(path: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*")} if path.exists() else {}
+
+
+@pytest.mark.parametrize("args, names", [
+    (["train.lrr=1"], "train.lrr"),
+    (["train.lr=fast"], "train.lr"),
+    (["train.batch_size=1.5"], "train.batch_size"),
+    (["nosection.key=1"], "nosection"),
+    (["--strategies", "finetune,distill"], "distill"),
+    (["model.name=no-such-model"], "no-such-model"),
+    (["--config", "/nonexistent/exp.toml"], "/nonexistent/exp.toml"),
+    (["modx.reduction=median"], "modx.reduction"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, names):
+    out = tmp_path / "run"
+    assert train.main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and names in err, err
+    assert not out.exists()
+
+
+def test_unknown_key_lists_valid_ones(tmp_path, capsys):
+    assert train.main(["train.lrr=1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "train.batch_size" in err
+
+
+def test_output_dir_of_a_different_run_is_refused_untouched(tmp_path):
+    out = tmp_path / "run"
+    first = run_cli("--out", str(out), "--strategies", "finetune", *TINY)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = snapshot(out)
+    other = run_cli("--out", str(out), "--strategies", "finetune", *TINY, "train.lr=1e-4")
+    assert other.returncode == 2
+    assert "train.lr" in other.stderr and str(out) in other.stderr
+    same_without_resume = run_cli("--out", str(out), "--strategies", "finetune", *TINY)
+    assert same_without_resume.returncode == 2 and "--resume" in same_without_resume.stderr
+    assert snapshot(out) == before
+
+    # The run's layout (SPEC §3), and what the files hold.
+    for rel in ["config.toml", "run.json", "base/state.pt", "base/metrics.jsonl", "finetune/metrics.jsonl"]:
+        assert (out / rel).is_file(), rel
+    info = json.loads((out / "run.json").read_text())
+    assert info["completed"] == {"base": [0], "finetune": [1, 2]}
+    assert len(info["probes"]) == 3
+    ckpts = sorted(p.name for p in (out / "finetune" / "checkpoints").iterdir())
+    assert ckpts == ["phase1_step000002.pt", "phase1_step000004.pt", "phase2_step000002.pt", "phase2_step000004.pt"]
+    trace = read_trace(out / "finetune" / "traces" / "phase2_step000004.safetensors")
+    assert list(trace.domains) == info["probes"] and trace.phase == 2 and trace.step == 4
+    emb = trace.domains[info["probes"][0]]
+    assert emb.image.shape[0] == 24 and torch.allclose(emb.image.float().norm(dim=1), torch.ones(24), atol=1e-2)
+    evals = [json.loads(l) for l in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    assert len(evals) == 4 and set(evals[-1]["retrieval"]) == set(info["probes"])
+    assert {"image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1"} <= set(
+        evals[-1]["retrieval"][info["probes"][0]])
+
+
+def test_geomlab_checkpoint_loads_with_open_clip(tmp_path):
+    import open_clip
+    out = tmp_path / "run"
+    assert train.main(["--out", str(out), "--strategies", "finetune", "data.shapes.domains=2", *TINY[:1],
+                       *TINY[2:]]) == 0
+    path = out / "finetune" / "checkpoints" / "phase1_step000004.pt"
+    ckpt = load_checkpoint(path)
+    assert {"state_dict", "name", "phase", "step"} <= set(ckpt) and ckpt["name"] == "geomlab-tiny"
+    model = open_clip.create_model("geomlab-tiny", pretrained=str(path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k]), k
+
+
+def final_weights(out: Path, strategy: str, phases: int, steps: int) -> dict:
+    return load_checkpoint(out / strategy / "checkpoints" / f"phase{phases - 1}_step{steps:06d}.pt")["state_dict"]
+
+
+def test_resume_after_sigkill_mid_phase_matches_uninterrupted(tmp_path):
+    args = ["--strategies", "modx", "data.probe_size=16", "data.shapes.domains=3", "data.shapes.train_size=96",
+            "train.batch_size=16", "train.base_steps=4", "train.steps=40", "train.checkpoint_every=4",
+            "train.log_every=1"]
+    whole = tmp_path / "whole"
+    assert run_cli("--out", str(whole), *args).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "geomlab.train", "--out", str(cut), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = cut / "modx" / "state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    saved = load_checkpoint(state)
+    assert saved["phase"] == 1 and 0 < saved["step"] < 40, "the kill must land inside phase 1"
+
+    resumed = run_cli("--out", str(cut), "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = final_weights(whole, "modx", 3, 40), final_weights(cut, "modx", 3, 40)
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+    # metrics.jsonl has each step once, as if never interrupted
+    rows = [json.loads(l) for l in (cut / "modx" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [(r["phase"], r["step"]) for r in rows if r["kind"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and len(train_steps) == 80
+
+
+def test_torchrun_two_ranks_follows_the_single_process_run(tmp_path):
+    """Data-parallel (gloo, 2 ranks) computes the full-batch gradient: its weights track the
+    single-process run's, to float noise, over base and Mod-X phases."""
+    args = ["--strategies", "modx", "data.probe_size=16", "data.shapes.domains=2", "data.shapes.train_size=64",
+            "train.batch_size=16", "train.base_steps=4", "train.steps=4", "train.checkpoint_every=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli("--out", str(one), *args).returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "geomlab.train", "--out", str(two), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    info = json.loads((two / "run.json").read_text())
+    assert info["world_size"] == 2 and info["completed"] == {"base": [0], "modx": [1]}
+    base = load_checkpoint(one / "base" / "checkpoints" / "phase0_step000004.pt")["state_dict"]
+    a, b = final_weights(one, "modx", 2, 4), final_weights(two, "modx", 2, 4)
+    # Attention key biases have an exactly zero true gradient (softmax is shift-invariant); Adam
+    # turns the float noise there into full-size steps, so they are left out of the comparison.
+    keys = [k for k in a if not k.endswith("in_proj_bias")]
+    moved = max((a[k].float() - base[k].float()).abs().max().item() for k in keys)
+    apart = max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
+    assert moved > 1e-3 and apart < 1e-4, (apart, moved)
