@@ -8,6 +8,7 @@ interrupted run from its newest saved state, mid-phase included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import math
@@ -193,6 +194,15 @@ class Trainer:
                                    preprocess=model_transforms(self.model), seed=config["run"]["seed"])
         self.num_phases = len(self.stream.phases)
         self.bar = None
+        # Mixed precision as open_clip: "amp" = float16 autocast with a gradient scaler on CUDA
+        # (bfloat16 on the CPU), "amp_bf16" = bfloat16 autocast; other precisions cast the weights.
+        precision = m["precision"]
+        self.autocast, self.scaler = contextlib.nullcontext, None
+        if precision in ("amp", "amp_bf16"):
+            half = torch.float16 if precision == "amp" and self.device.type == "cuda" else torch.bfloat16
+            self.autocast = functools.partial(torch.autocast, self.device.type, dtype=half)
+            if half is torch.float16:
+                self.scaler = torch.amp.GradScaler(self.device.type)
 
     # -- evaluation and checkpoints (rank 0 only)
 
@@ -215,7 +225,8 @@ class Trainer:
     def save_state(self, where, phase, step, optimizer) -> None:
         atomic_torch_save(self.run.strategy_dir(where) / "state.pt", {
             "phase": phase, "step": step, "model": unwrap(self.model).state_dict(),
-            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()})
+            "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {}})
 
     # -- one phase
 
@@ -236,16 +247,22 @@ class Trainer:
     def train_step(self, strategy, optimizer, images, tokens, lr: float):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # The model's own forward (not encode_*), so that DistributedDataParallel sees the step.
-        image, text, logit_scale = self.model(images, tokens)[:3]
-        feats = Features(image=image, text=text, image_all=self.dist.gather(image),
-                         text_all=self.dist.gather(text), logit_scale=logit_scale,
-                         row_offset=self.dist.rank * image.shape[0])
-        loss, parts = strategy.loss(images, tokens, feats)
+        with self.autocast():
+            # The model's own forward (not encode_*), so that DistributedDataParallel sees the step.
+            image, text, logit_scale = self.model(images, tokens)[:3]
+            feats = Features(image=image, text=text, image_all=self.dist.gather(image),
+                             text_all=self.dist.gather(text), logit_scale=logit_scale,
+                             row_offset=self.dist.rank * image.shape[0])
+            loss, parts = strategy.loss(images, tokens, feats)
         optimizer.zero_grad(set_to_none=True)
         # Kernel losses are this rank's share of the full-batch loss; DDP averages gradients.
-        (loss * self.dist.world).backward()
-        optimizer.step()
+        if self.scaler is None:
+            (loss * self.dist.world).backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss * self.dist.world).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
         with torch.no_grad():
             unwrap(self.model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         return loss, parts
@@ -269,6 +286,8 @@ class Trainer:
             unwrap(self.model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(state["scaler"])
             start = state["step"]
             self.run.truncate_metrics(where, phase, start)
         every = t["checkpoint_every"]

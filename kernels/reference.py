@@ -1,7 +1,7 @@
 """Dense reference formulas (SPEC §5.1, §6): plain torch, B×B matrices materialised.
 
 These are the ground truth the tiled `torch` and fused `triton` backends are tested against.
-Everything is computed in fp32 (inputs are upcast), whatever the input dtype.
+Everything is computed in fp32 (inputs are upcast), whatever the input dtype; float64 inputs stay float64.
 """
 from __future__ import annotations
 
@@ -9,8 +9,13 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to at least fp32 (float64 stays float64, so the tests can build an fp64 ground truth)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return a.float() @ b.float().T
+    return _acc(a) @ _acc(b).T
 
 
 def _dp_args(image, text, image_all, text_all, row_offset, olds=None):

@@ -1,0 +1,305 @@
+"""Loss kernels (issue 3): clip_loss, modx_kl, modx_loss for the triton (TRITON_INTERPRET=1 on the
+CPU), torch and reference backends, against an fp64 ground truth, an independent dense
+implementation of SPEC §5.1, and open_clip's ClipLoss. Shapes are small (the interpreter is slow)
+and not multiples of the block sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geomlab import kernels
+from geomlab.kernels import _tiles, reference
+
+B, D = 37, 19  # neither a multiple of the interpreter's 32-blocks nor of anything else
+GRAD_W = (1.0, 3.0, 5.0)  # weights of clip, kl_i2t, kl_t2i in the backpropagated scalar
+
+
+def make(b=B, d=D, seed=0, noise=1.0, case="mixed"):
+    """float64 L2-normalised (I, T, I', T'); case: mixed | none_masked | all_masked | ties."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda: torch.randn(b, d, generator=g, dtype=torch.float64)
+    z = r()
+    image, text = F.normalize(z + 0.6 * r(), dim=1), F.normalize(z + 0.6 * r(), dim=1)
+    image_old, text_old = F.normalize(z + noise * r(), dim=1), F.normalize(z + noise * r(), dim=1)
+    if case == "none_masked":  # S'_ii = 1 is the unique row and column maximum
+        image_old, text_old = image.clone(), image.clone()
+    elif case == "all_masked":  # S'_ii = −1 is the minimum
+        text_old = -image_old
+    elif case == "ties":  # duplicate old rows: the first index wins
+        image_old[5], text_old[5] = image_old[3], text_old[3]
+        image_old[9], text_old[9] = image_old[8], text_old[8]
+    return image, text, image_old, text_old
+
+
+def run(backend, feats, dtype, scale=7.0, *, parts_only=False, **opts):
+    """Forward + backward of clip + 3·kl_i2t + 5·kl_t2i: (values..., grads...) as float64."""
+    image, text, image_old, text_old = (t.to(dtype) for t in feats)
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    s = torch.tensor(scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                     requires_grad=True)
+    total, p = kernels.modx_loss(image, text, image_old, text_old, s, backend=backend, **opts)
+    obj = GRAD_W[0] * p["clip"] + GRAD_W[1] * p["kl_i2t"] + GRAD_W[2] * p["kl_t2i"]
+    obj.backward()
+    vals = [total, p["clip"], p["kl_i2t"], p["kl_t2i"]]
+    out = [v.detach().double() for v in vals] + [image.grad.double(), text.grad.double(), s.grad.double()]
+    return out, (int(p["kept_i2t"]), int(p["kept_t2i"]))
+
+
+def rel_err(a, truth):
+    return float((a - truth).abs().max() / (truth.abs().max() + 1e-12))
+
+
+NAMES = ("total", "clip", "kl_i2t", "kl_t2i", "d_image", "d_text", "d_logit_scale")
+
+
+def check_against_fp64(backend, feats, dtype, **opts):
+    """Error of `backend` at `dtype` against fp64 on the same (rounded) inputs must be no worse
+    than the dense fp32-accumulating formula's own error at that dtype, plus a small margin."""
+    rounded = tuple(t.to(dtype).double() for t in feats)
+    truth, kept_truth = run("reference", rounded, torch.float64, **opts)
+    dense, _ = run("reference", feats, dtype, **opts)
+    got, kept = run(backend, feats, dtype, **opts)
+    assert kept == kept_truth
+    for name, g, d, t in zip(NAMES, got, dense, truth):
+        e, e_dense = rel_err(g, t), rel_err(d, t)
+        assert e <= 2.0 * e_dense + 2e-6, f"{backend} {dtype} {name}: rel err {e:.3g} vs dense {e_dense:.3g}"
+    return kept
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    # several row tiles for the torch backend too (R = 16 rows per tile)
+    monkeypatch.setattr(_tiles, "TILE_ELEMS", 16 * B)
+    return request.param
+
+
+# --- the backends against the fp64 ground truth ---------------------------------------------------
+
+OPTION_SETS = [
+    dict(),
+    dict(temperature=0.5, reduction="mean"),
+    dict(temperature=2.0, reduction="kept_mean", off_diagonal_only=True),
+]
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_backend_fp32(backend, opts):
+    kept = check_against_fp64(backend, make(), torch.float32, **opts)
+    assert 0 < kept[0] < B and 0 < kept[1] < B  # a mixed mask
+
+
+def test_backend_bf16_offdiag_ties(backend):
+    check_against_fp64(backend, make(case="ties"), torch.bfloat16, temperature=0.7,
+                       off_diagonal_only=True, reduction="sum")
+
+
+@pytest.mark.parametrize("case", ["none_masked", "all_masked", "ties"])
+def test_backend_mask_cases(backend, case):
+    kept = check_against_fp64(backend, make(case=case), torch.float32, reduction="kept_mean")
+    if case == "none_masked":
+        assert kept == (B, B)
+    elif case == "all_masked":
+        assert kept == (0, 0)
+    else:
+        assert kept[0] < B and kept[1] < B
+
+
+def test_backend_fp16_and_modx_kl_alone(backend):
+    feats = make(b=21, d=33, seed=3)
+    check_against_fp64(backend, feats, torch.float16, reduction="mean")
+    # modx_kl on its own (no cross-entropy in the kernel)
+    image, text, image_old, text_old = (t.float() for t in feats)
+    got, ref = [], []
+    for bk, out in ((backend, got), ("reference", ref)):
+        i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
+        kl = kernels.modx_kl(i, t, image_old, text_old, temperature=0.8, reduction="sum", backend=bk)
+        kl.backward()
+        out += [kl.detach(), i.grad, t.grad]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- independent dense implementation of SPEC §5.1 (per-row loops, F.kl_div) ---------------------
+
+
+def spec_modx(image, text, image_old, text_old, s, *, alpha=20.0, temperature=1.0, reduction="sum",
+              off_diagonal_only=False):
+    n = image.shape[0]
+    S, So = image @ text.T, image_old @ text_old.T
+    ce_rows = [-(F.log_softmax(s * S[i], 0)[i]) for i in range(n)]
+    ce_cols = [-(F.log_softmax(s * S[:, j], 0)[j]) for j in range(n)]
+    clip = 0.5 * (torch.stack(ce_rows).mean() + torch.stack(ce_cols).mean())
+
+    def direction(M, Mo):
+        total, kept = M.new_zeros(()), 0
+        for i in range(n):
+            first_max = int(torch.nonzero(Mo[i] == Mo[i].max())[0])
+            if first_max != i:
+                continue
+            kept += 1
+            cols = [j for j in range(n) if not (off_diagonal_only and j == i)]
+            logp = F.log_softmax(M[i, cols] / temperature, 0)
+            logq = F.log_softmax(Mo[i, cols] / temperature, 0)
+            total = total + F.kl_div(logp, logq, reduction="sum", log_target=True)
+        div = {"sum": 1, "mean": n, "kept_mean": max(kept, 1)}[reduction]
+        return total / div, kept
+
+    kl_i, k_i = direction(S, So)
+    kl_t, k_t = direction(S.T, So.T)
+    return clip + alpha * 0.5 * (kl_i + kl_t), clip, kl_i, kl_t, k_i, k_t
+
+
+@pytest.mark.parametrize("bk", ["reference", "torch"])
+@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.3, reduction="mean"),
+                                  dict(temperature=1.5, reduction="kept_mean", off_diagonal_only=True)])
+def test_independent_spec(bk, opts):
+    image, text, image_old, text_old = make(b=12, d=9, seed=5, case="ties", noise=0.9)
+    res = {}
+    for name in ("spec", bk):
+        i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
+        s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+        if name == "spec":
+            total, clip, kl_i, kl_t, k_i, k_t = spec_modx(i, t, image_old, text_old, s, alpha=3.0, **opts)
+        else:
+            total, p = kernels.modx_loss(i, t, image_old, text_old, s, alpha=3.0, backend=bk, **opts)
+            clip, kl_i, kl_t, k_i, k_t = p["clip"], p["kl_i2t"], p["kl_t2i"], int(p["kept_i2t"]), int(p["kept_t2i"])
+        (total + clip + kl_t).backward()
+        res[name] = ([total.detach(), clip.detach(), kl_i.detach(), kl_t.detach(), i.grad, t.grad, s.grad],
+                     (k_i, k_t))
+    (want, kept_want), (got, kept_got) = res["spec"], res[bk]
+    assert kept_got == kept_want and 0 < kept_want[0] < 12
+    tol = 1e-10 if bk == "reference" else 2e-5  # the torch backend computes in fp32
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+# --- clip_loss against open_clip's ClipLoss ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bk", ["reference", "torch", "triton"])
+def test_clip_loss_matches_open_clip(bk, monkeypatch):
+    open_clip = pytest.importorskip("open_clip")
+    monkeypatch.setattr(_tiles, "TILE_ELEMS", 16 * B)
+    image, text, _, _ = (t.float() for t in make(seed=7))
+    param = torch.tensor(2.3, requires_grad=True)  # the model's parameter; exp() is passed, as open_clip does
+    res = []
+    for fn in (lambda i, t, s: open_clip.loss.ClipLoss()(i, t, s),
+               lambda i, t, s: kernels.clip_loss(i, t, s, backend=bk)):
+        i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
+        param.grad = None
+        loss = fn(i, t, param.exp())
+        loss.backward()
+        res.append([loss.detach(), i.grad, t.grad, param.grad.clone()])
+    for a, b in zip(res[1], res[0]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+# --- data parallel: local rows against gathered columns ----------------------------------------------
+
+
+@pytest.mark.parametrize("bk", ["reference", "torch", "triton"])
+def test_data_parallel_sums_to_full_batch(bk, monkeypatch):
+    monkeypatch.setattr(_tiles, "TILE_ELEMS", 16 * B)
+    image, text, image_old, text_old = (t.float() for t in make(seed=11, case="ties"))
+    opts = dict(alpha=3.0, temperature=0.7, reduction="kept_mean", off_diagonal_only=True)
+
+    def leaves():
+        return image.clone().requires_grad_(), text.clone().requires_grad_(), torch.tensor(5.0, requires_grad=True)
+
+    i, t, s = leaves()
+    full, pf = kernels.modx_loss(i, t, image_old, text_old, s, backend=bk, **opts)
+    (full + pf["clip"]).backward()
+    want = [full.detach(), pf["clip"].detach(), pf["kl_i2t"].detach(), pf["kl_t2i"].detach(), i.grad, t.grad, s.grad]
+
+    i, t, s = leaves()  # gathered tensors = the same leaves (gather_with_grad semantics)
+    acc, kept = [0.0] * 4, [0, 0]
+    for lo, hi in ((0, 12), (12, 13), (13, 37)):
+        tot, p = kernels.modx_loss(i[lo:hi], t[lo:hi], image_old[lo:hi], text_old[lo:hi], s, backend=bk,
+                                   image_all=i, text_all=t, image_old_all=image_old, text_old_all=text_old,
+                                   row_offset=lo, **opts)
+        (tot + p["clip"]).backward()
+        for k, v in enumerate((tot, p["clip"], p["kl_i2t"], p["kl_t2i"])):
+            acc[k] = acc[k] + v.detach()
+        kept[0] += int(p["kept_i2t"])
+        kept[1] += int(p["kept_t2i"])
+    got = acc + [i.grad, t.grad, s.grad]
+    assert kept == [int(pf["kept_i2t"]), int(pf["kept_t2i"])]
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # clip_loss alone
+    i, t, s = leaves()
+    kernels.clip_loss(i, t, s, backend=bk).backward()
+    want = [i.grad, t.grad, s.grad]
+    i, t, s = leaves()
+    for lo, hi in ((0, 20), (20, 37)):
+        kernels.clip_loss(i[lo:hi], t[lo:hi], s, backend=bk, image_all=i, text_all=t, row_offset=lo).backward()
+    for a, b in zip((i.grad, t.grad, s.grad), want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- memory property and API errors --------------------------------------------------------------------
+
+
+def test_torch_backend_never_builds_a_BxB_tensor(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n = 96
+    monkeypatch.setattr(_tiles, "TILE_ELEMS", 16 * n)  # tiles of 16 × 96
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, o.numel())
+            return out
+
+    image, text, image_old, text_old = (t.float() for t in make(b=n, d=8))
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    s = torch.tensor(3.0, requires_grad=True)
+    with Largest():
+        for kw in (dict(), dict(image_all=image, text_all=text, image_old_all=image_old,
+                                text_old_all=text_old, row_offset=0)):
+            total, _ = kernels.modx_loss(image, text, image_old, text_old, s, backend="torch",
+                                         reduction="kept_mean", **kw)
+            total.backward()
+    assert Largest.biggest <= 16 * n < n * n
+
+
+def test_bad_arguments():
+    image, text, image_old, text_old = (t.float() for t in make(b=8, d=4))
+    s = torch.tensor(2.0)
+    for bk in ("reference", "torch"):
+        with pytest.raises(ValueError, match="reduction"):
+            kernels.modx_loss(image, text, image_old, text_old, s, reduction="max", backend=bk)
+        with pytest.raises(ValueError):
+            kernels.clip_loss(image, text, s, backend=bk, image_all=image, text_all=text, row_offset=3)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.clip_loss(image, text, s, backend="cuda")
+    assert reference.clip_loss(image, text, s).shape == ()
+
+
+def test_torch_backend_under_autocast_and_auto_dispatch():
+    image, text, image_old, text_old = (t.float() for t in make(b=20, d=16, seed=2))
+    s = torch.tensor(6.0)
+    want, _ = kernels.modx_loss(image, text, image_old, text_old, s, backend="reference")
+    assert kernels._loss_impl("auto", image) is _tiles  # auto = torch on the CPU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = kernels.modx_loss(image, text, image_old, text_old, s)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bk", ["reference", "torch", "triton"])
+def test_single_pair_off_diagonal_is_zero_not_nan(bk):
+    x = F.normalize(torch.randn(1, 5, generator=torch.Generator().manual_seed(0)), dim=1)
+    i, t = x.clone().requires_grad_(), x.clone().requires_grad_()
+    total, p = kernels.modx_loss(i, t, x, x, torch.tensor(2.0), off_diagonal_only=True, backend=bk)
+    total.backward()
+    assert float(total.detach()) == 0.0 and int(p["kept_i2t"]) == 1
+    assert torch.isfinite(i.grad).all() and torch.isfinite(t.grad).all()
