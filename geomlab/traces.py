@@ -37,11 +37,12 @@ class Trace:
 def write_trace(path, trace: Trace) -> None:
     tensors = {}
     for name, emb in trace.domains.items():
-        tensors[f"{name}.image"] = emb.image.detach().to("cpu", torch.float16).contiguous()
-        tensors[f"{name}.text"] = emb.text.detach().to("cpu", torch.float16).contiguous()
-        tensors[f"{name}.ids"] = emb.ids.detach().to("cpu", torch.int64).contiguous()
+        # clone: safetensors refuses tensors that share memory (e.g. one caption_image for two domains)
+        tensors[f"{name}.image"] = emb.image.detach().to("cpu", torch.float16).clone()
+        tensors[f"{name}.text"] = emb.text.detach().to("cpu", torch.float16).clone()
+        tensors[f"{name}.ids"] = emb.ids.detach().to("cpu", torch.int64).clone()
         if emb.caption_image is not None:
-            tensors[f"{name}.caption_image"] = emb.caption_image.detach().to("cpu", torch.int64).contiguous()
+            tensors[f"{name}.caption_image"] = emb.caption_image.detach().to("cpu", torch.int64).clone()
     metadata = {"domains": json.dumps(list(trace.domains)), "phase": str(trace.phase),
                 "step": str(trace.step), "model": trace.model}
     metadata.update({k: str(v) for k, v in trace.extra.items()})

@@ -12,7 +12,8 @@ def metrics_from_ranks(i2t: torch.Tensor, t2i: torch.Tensor, ks=(1, 5, 10)) -> d
     for direction, ranks in (("image_to_text", i2t), ("text_to_image", t2i)):
         ranks = ranks.float()
         out[f"{direction}_mean_rank"] = ranks.mean().item() + 1
-        out[f"{direction}_median_rank"] = float(torch.floor(torch.median(ranks)).item()) + 1
+        # numpy's median (mean of the two middle values for an even count), as open_clip takes it
+        out[f"{direction}_median_rank"] = float(torch.floor(ranks.double().quantile(0.5)).item()) + 1
         for k in ks:
             out[f"{direction}_R@{k}"] = (ranks < k).float().mean().item()
     return out

@@ -1,0 +1,339 @@
+"""Plotly figures over an analysis object (see docs/analysis_schema.md)."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+IMAGE_COLOR, TEXT_COLOR = "#1f77b4", "#d62728"
+PALETTE = qualitative.Plotly
+
+
+def esc(s) -> str:
+    """HTML-escape text from the data before plotly renders it (plotly interprets some HTML)."""
+    return html.escape(str(s), quote=True)
+
+
+def load(path) -> dict:
+    """Read an analysis.json (or the analysis/ directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "analysis.json"
+    return json.loads(p.read_text())
+
+
+def _strategies(a: dict, strategies=None) -> list[str]:
+    names = list(a["strategies"])
+    return names if strategies is None else [s for s in strategies if s in a["strategies"]]
+
+
+def _grid(a, strategies, rows: int = 1, row_titles=None, specs=None, **kw):
+    names = _strategies(a, strategies)
+    fig = make_subplots(rows=rows, cols=len(names), subplot_titles=[esc(n) for n in names] if rows == 1 else
+                        [esc(n) if r == 0 else "" for r in range(rows) for n in names],
+                        shared_yaxes=kw.pop("shared_yaxes", True), horizontal_spacing=0.06, vertical_spacing=0.12,
+                        row_titles=row_titles, specs=specs, **kw)
+    return fig, names
+
+
+def _labels(s: dict) -> list[str]:
+    """Short axis labels: "base p0:200" for the base checkpoint, "p2:150" for phase 2 step 150, else the stem."""
+    out = []
+    for c in s["checkpoints"]:
+        if c.get("phase") is None:
+            out.append(esc(c["label"]))
+        else:
+            out.append(("base " if c.get("owner") == "base" else "") + f"p{c['phase']}:{c['step']}")
+    return out
+
+
+def _domain(a: dict, domain) -> str:
+    return a["domains"][0] if domain is None else domain
+
+
+def _pairs(s: dict, reference: str) -> list:
+    return s["vs_base" if reference == "base" else "vs_previous"]
+
+
+def _value(pair: dict | None, domain, getter):
+    """getter(pair[domain]); with domain == "mean", the mean over domains (None where missing)."""
+    if pair is None:
+        return None
+    if domain == "mean":
+        vals = [getter(v) for v in pair.values()]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+    return getter(pair[domain])
+
+
+def _layout(fig, title, height=420, **kw):
+    fig.update_layout(title=title, height=height, template="plotly_white", margin=dict(l=60, r=20, t=80, b=60),
+                      legend=dict(orientation="h", y=-0.18), **kw)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval and forgetting
+
+
+def _row_label(s: dict, k: int) -> str:
+    c = s["checkpoints"][k]
+    return f"after phase {c['phase']}" if c.get("phase") is not None else esc(c["label"])
+
+
+def accuracy_matrices(a: dict, strategies=None) -> go.Figure:
+    """A[t][d] (mean of the two R@1) per strategy, as heatmaps side by side."""
+    names = _strategies(a, strategies)
+    rows = {n: [_row_label(a["strategies"][n], k) for k in a["strategies"][n]["accuracy"]["row_checkpoints"]]
+            for n in names}
+    same = len({tuple(r) for r in rows.values()}) <= 1
+    fig, names = _grid(a, strategies, shared_yaxes=same)
+    for j, name in enumerate(names, 1):
+        acc = a["strategies"][name]["accuracy"]
+        z = acc["matrix"]
+        fig.add_trace(go.Heatmap(z=z, x=[esc(d) for d in acc["domains"]], y=rows[name],
+                                 zmin=0, zmax=1, colorscale="Viridis", showscale=j == len(names),
+                                 text=[[f"{v:.2f}" if v is not None else "" for v in row] for row in z],
+                                 texttemplate="%{text}", hovertemplate="%{y}<br>on %{x}: %{z:.3f}<extra></extra>"),
+                      row=1, col=j)
+        fig.update_yaxes(autorange="reversed", row=1, col=j)
+    return _layout(fig, "Accuracy matrix A[t][d] (mean R@1 on probe set d after phase t)",
+                   height=max(320, 140 + 40 * max(len(r) for r in rows.values())))
+
+
+def forgetting_curves(a: dict, strategies=None) -> go.Figure:
+    """Mean R@1 of every probe set across checkpoints, one panel per strategy."""
+    fig, names = _grid(a, strategies)
+    for j, name in enumerate(names, 1):
+        s = a["strategies"][name]
+        x = _labels(s)
+        for k, d in enumerate(a["domains"]):
+            y = [0.5 * (r[d]["image_to_text_R@1"] + r[d]["text_to_image_R@1"]) for r in s["retrieval"]]
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=esc(d), legendgroup=esc(d),
+                                     showlegend=j == 1, line=dict(color=PALETTE[k % len(PALETTE)])), row=1, col=j)
+    fig.update_yaxes(range=[0, 1.02], title_text="mean R@1", col=1)
+    return _layout(fig, "Forgetting curves: retrieval on every probe set across checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------
+# Spatial Disorder
+
+
+def rotation_angles(a: dict, domain=None, reference: str = "base", strategies=None) -> go.Figure:
+    """Distribution of per-sample rotation angles θ (box: p10/p25/median/p75/p90) per checkpoint,
+    image against text, against the base checkpoint (`reference="base"`) or the previous one."""
+    domain = _domain(a, domain)
+    fig, names = _grid(a, strategies)
+    for j, name in enumerate(names, 1):
+        s = a["strategies"][name]
+        x = _labels(s)
+        for mod, color in (("image", IMAGE_COLOR), ("text", TEXT_COLOR)):
+            xs, st = [], []
+            for lab, p in zip(x, _pairs(s, reference)):
+                if p is not None:
+                    xs.append(lab)
+                    st.append(p[domain]["rotation"][mod])
+            if not xs:
+                continue
+            fig.add_trace(go.Box(x=xs, q1=[v["p25"] for v in st], median=[v["median"] for v in st],
+                                 q3=[v["p75"] for v in st], lowerfence=[v["p10"] for v in st],
+                                 upperfence=[v["p90"] for v in st], mean=[v["mean"] for v in st],
+                                 name=mod, legendgroup=mod, showlegend=j == 1, marker_color=color,
+                                 boxpoints=False), row=1, col=j)
+    fig.update_layout(boxmode="group")
+    fig.update_yaxes(title_text="θ (degrees)", col=1)
+    ref = "the base checkpoint" if reference == "base" else "the previous checkpoint"
+    return _layout(fig, f"Rotation angles against {ref} — probe {esc(domain)} (whiskers p10–p90)")
+
+
+def _scalar_traces(a, strategies, domain, reference, series, title, ytitle, height=420):
+    """Line figure: for each (label, getter, color, dash) in `series`, the value per checkpoint."""
+    fig, names = _grid(a, strategies)
+    for j, name in enumerate(names, 1):
+        s = a["strategies"][name]
+        x = _labels(s)
+        for label, getter, color, dash in series:
+            y = [_value(p, domain, getter) for p in _pairs(s, reference)]
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label, legendgroup=label,
+                                     showlegend=j == 1, line=dict(color=color, dash=dash)), row=1, col=j)
+    fig.update_yaxes(title_text=ytitle, col=1)
+    return _layout(fig, title, height=height)
+
+
+def _where(domain):
+    return "mean over probe sets" if domain == "mean" else f"probe {esc(domain)}"
+
+
+def topology_drift(a: dict, domain="mean", reference: str = "base", strategies=None) -> go.Figure:
+    """Topology drift |SAM^b − SAM^a| (mean and p90 over pairs i ≠ j) per checkpoint and modality."""
+    series = [(f"{m} {q}", (lambda v, m=m, q=q: v["topology_drift"][m][q]), c, dash)
+              for m, c in (("image", IMAGE_COLOR), ("text", TEXT_COLOR)) for q, dash in (("mean", "solid"), ("p90", "dot"))]
+    exact = all(p[d]["topology_drift"][m]["exact"] for s in a["strategies"].values() for p in s["vs_base"] if p
+                for d in p for m in ("image", "text"))
+    how = "exact over all pairs" if exact else "some from a seeded sample of ≥10⁷ pairs"
+    return _scalar_traces(a, strategies, domain, reference, series,
+                          f"Topology drift ({how}) — {_where(domain)}", "drift (degrees)")
+
+
+def rigid_share(a: dict, domain="mean", reference: str = "base", strategies=None) -> go.Figure:
+    """Rigid share 1 − ‖A R − B‖²/‖A − B‖² of the orthogonal Procrustes fit, per modality, with the
+    mean and max eigen-angle of R and the linear CKA."""
+    series = [("image rigid share", lambda v: v["procrustes"]["image"]["rigid_share"], IMAGE_COLOR, "solid"),
+              ("text rigid share", lambda v: v["procrustes"]["text"]["rigid_share"], TEXT_COLOR, "solid"),
+              ("image CKA", lambda v: v["cka"]["image"], IMAGE_COLOR, "dot"),
+              ("text CKA", lambda v: v["cka"]["text"], TEXT_COLOR, "dot"),
+              ("image mutual 10-NN", lambda v: v["mutual_knn"]["image"], IMAGE_COLOR, "dash"),
+              ("text mutual 10-NN", lambda v: v["mutual_knn"]["text"], TEXT_COLOR, "dash")]
+    fig = _scalar_traces(a, strategies, domain, reference, series,
+                         f"Rigid share of the change, CKA and mutual k-NN — {_where(domain)}", "share / similarity")
+    fig.update_yaxes(range=[0, 1.05])
+    return fig
+
+
+def rotation_spectrum(a: dict, domain=None, modalities=("image", "text"), reference: str = "base",
+                      strategies=None) -> go.Figure:
+    """Histogram of the eigen-angles of the Procrustes rotation R (its rotation spectrum) per checkpoint,
+    one row per modality."""
+    domain = _domain(a, domain)
+    names = _strategies(a, strategies)
+    fig = make_subplots(rows=len(modalities), cols=len(names), shared_xaxes=True, shared_yaxes=True,
+                        vertical_spacing=0.08, horizontal_spacing=0.06,
+                        subplot_titles=[esc(n) for n in names] + [""] * (len(names) * (len(modalities) - 1)))
+    for r, modality in enumerate(modalities, 1):
+        for j, name in enumerate(names, 1):
+            s = a["strategies"][name]
+            xs, z, h = [], [], None
+            for lab, p in zip(_labels(s), _pairs(s, reference)):
+                if p is not None:
+                    h = p[domain]["procrustes"][modality]["spectrum"]["hist"]
+                    xs.append(lab)
+                    z.append(h["counts"])
+            if not z:
+                continue
+            width = (h["hi"] - h["lo"]) / len(h["counts"])
+            ys = [h["lo"] + (b + 0.5) * width for b in range(len(h["counts"]))]
+            fig.add_trace(go.Heatmap(x=xs, y=ys, z=[list(col) for col in zip(*z)], colorscale="Magma",
+                                     reversescale=True, showscale=r == 1 and j == len(names), coloraxis=None,
+                                     hovertemplate=f"%{{x}}<br>{modality}: angle %{{y:.0f}}°: %{{z}} eigenvalues<extra></extra>"),
+                          row=r, col=j)
+        fig.update_yaxes(title_text=f"{modality}: eigen-angle (°)", row=r, col=1)
+    return _layout(fig, f"Rotation spectrum of R (eigen-angles) — probe {esc(domain)}", height=300 + 250 * len(modalities))
+
+
+def deviation(a: dict, domain="mean", reference: str = "base", strategies=None) -> go.Figure:
+    """The inter-modal deviation trace: mismatch δ, alignment drift Δφ, desynchronisation angle
+    (eigen-angles of R_Iᵀ R_T, mean and max) and the modality gap, one row each."""
+    names = _strategies(a, strategies)
+    rows = [("mismatch δ (°)", [("δ mean", lambda v: v["deviation"]["mismatch"]["mean"], "#9467bd", "solid"),
+                                ("δ p90", lambda v: v["deviation"]["mismatch"]["p90"], "#9467bd", "dot")]),
+            ("alignment drift Δφ (°)", [("Δφ mean", lambda v: v["deviation"]["alignment_drift"]["mean"], "#2ca02c", "solid"),
+                                        ("Δφ p90", lambda v: v["deviation"]["alignment_drift"]["p90"], "#2ca02c", "dot")]),
+            ("desync (°)", [("desync mean", lambda v: v["deviation"]["desync"]["mean"], "#ff7f0e", "solid"),
+                            ("desync max", lambda v: v["deviation"]["desync"]["max"], "#ff7f0e", "dot")])]
+    fig = make_subplots(rows=4, cols=len(names), shared_xaxes=True, vertical_spacing=0.05, horizontal_spacing=0.06,
+                        subplot_titles=[esc(n) for n in names] + [""] * (3 * len(names)))
+    for j, name in enumerate(names, 1):
+        s = a["strategies"][name]
+        x = _labels(s)
+        for r, (_, series) in enumerate(rows, 1):
+            for label, getter, color, dash in series:
+                y = [_value(p, domain, getter) for p in _pairs(s, reference)]
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label, legendgroup=label,
+                                         showlegend=j == 1, line=dict(color=color, dash=dash)), row=r, col=j)
+        gap = [(sum(g.values()) / len(g)) if domain == "mean" else g[domain] for g in s["modality_gap"]]
+        fig.add_trace(go.Scatter(x=x, y=gap, mode="lines+markers", name="modality gap", legendgroup="gap",
+                                 showlegend=j == 1, line=dict(color="#8c564b")), row=4, col=j)
+    for r, (title, _) in enumerate(rows, 1):
+        fig.update_yaxes(title_text=title, row=r, col=1)
+    fig.update_yaxes(title_text="‖mean I − mean T‖", row=4, col=1)
+    return _layout(fig, f"Inter-modal deviation — {_where(domain)}", height=900)
+
+
+def flips(a: dict, domain="mean", reference: str = "base", strategies=None) -> go.Figure:
+    """R@1 flips (forgotten: right at the reference, wrong now; learned: the reverse) and the ROC AUC
+    with which Δφ and δ predict a forgotten query, per direction."""
+    names = _strategies(a, strategies)
+    fig = make_subplots(rows=2, cols=len(names), shared_xaxes=True, vertical_spacing=0.08, horizontal_spacing=0.06,
+                        subplot_titles=[esc(n) for n in names] + [""] * len(names))
+    dirs = (("image_to_text", "solid", "i→t"), ("text_to_image", "dot", "t→i"))
+    for j, name in enumerate(names, 1):
+        s = a["strategies"][name]
+        x = _labels(s)
+        for direction, dash, short in dirs:
+            for key, color, row in (("forgotten", "#d62728", 1), ("learned", "#2ca02c", 1),
+                                    ("auc_alignment_drift", "#1f77b4", 2), ("auc_mismatch", "#9467bd", 2)):
+                label = f"{key.replace('auc_', 'AUC ')} {short}"
+                y = [_value(p, domain, lambda v: v["flips"][direction][key]) for p in _pairs(s, reference)]
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label, legendgroup=label,
+                                         showlegend=j == 1, line=dict(color=color, dash=dash)), row=row, col=j)
+        fig.add_hline(y=0.5, line=dict(color="#999", width=1, dash="dash"), row=2, col=j)
+    fig.update_yaxes(title_text="fraction of queries", range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(title_text="ROC AUC → forgotten", range=[0, 1.02], row=2, col=1)
+    return _layout(fig, f"Flips and how deviation predicts them — {_where(domain)}", height=650)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sphere
+
+
+def _sphere_mesh():
+    import numpy as np
+    u, v = np.meshgrid(np.linspace(0, 2 * np.pi, 25), np.linspace(0, np.pi, 13))
+    return go.Surface(x=np.cos(u) * np.sin(v), y=np.sin(u) * np.sin(v), z=np.cos(v), opacity=0.08, showscale=False,
+                      colorscale=[[0, "#888"], [1, "#888"]], hoverinfo="skip")
+
+
+def sphere(a: dict, strategy: str | None = None) -> go.Figure:
+    """Probe embeddings projected on the sphere (3-component PCA fitted at the base checkpoint,
+    each point scaled to unit length) at every checkpoint of one strategy, with a slider.
+    Circles: images; diamonds: texts; colour: probe set; hover: the caption."""
+    name = strategy or next(iter(a["strategies"]))
+    s = a["strategies"][name]
+    samples = a["sphere"]["samples"]
+    domains = a["domains"]
+    labels = _labels(s)
+    fig = go.Figure([_sphere_mesh()])
+    per = 2
+    for k, pts in enumerate(s["sphere"]):
+        for mod, symbol in (("image", "circle"), ("text", "diamond")):
+            xs, ys, zs, colors, texts = [], [], [], [], []
+            for di, d in enumerate(domains):
+                caps = samples[d].get("captions")
+                for i, p in enumerate(pts[d][mod]):
+                    xs.append(p[0]), ys.append(p[1]), zs.append(p[2])
+                    colors.append(PALETTE[di % len(PALETTE)])
+                    cap = caps[i] if caps else f"id {samples[d]['ids'][i]}"
+                    texts.append(f"{esc(d)} · {mod}<br>{esc(cap)}")
+            fig.add_trace(go.Scatter3d(x=xs, y=ys, z=zs, mode="markers", name=f"{mod}", visible=k == 0,
+                                       marker=dict(size=3 if mod == "image" else 2.5, color=colors, symbol=symbol,
+                                                   opacity=0.85),
+                                       hovertext=texts, hoverinfo="text"))
+    n = len(s["sphere"])
+    steps = []
+    for k in range(n):
+        vis = [True] + [kk == k for kk in range(n) for _ in range(per)]
+        steps.append(dict(method="restyle", args=[{"visible": vis}], label=labels[k]))
+    fig.update_layout(sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="checkpoint: "), pad=dict(t=30))],
+                      scene=dict(aspectmode="cube", xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
+                      height=620, template="plotly_white", margin=dict(l=0, r=0, t=60, b=0),
+                      title=f"{esc(name)}: probe embeddings on the sphere (PCA fitted at {esc(a['sphere']['fit_at'])})")
+    return fig
+
+
+def figures(a: dict) -> list[tuple[str, str, go.Figure]]:
+    """Every figure of the report, in order, as (section id, section title, figure)."""
+    out = [("accuracy", "Accuracy matrices", accuracy_matrices(a)),
+           ("forgetting", "Forgetting curves", forgetting_curves(a)),
+           ("rotation", "Rotation angles, image against text", rotation_angles(a)),
+           ("topology", "Topology drift", topology_drift(a)),
+           ("rigid", "Rigid share", rigid_share(a)),
+           ("spectrum", "Rotation spectrum", rotation_spectrum(a)),
+           ("deviation", "Inter-modal deviation", deviation(a)),
+           ("flips", "Flip analysis", flips(a))]
+    for i, name in enumerate(a["strategies"]):
+        out.append((f"sphere-{i}", f"Sphere: {name}", sphere(a, name)))
+    return out

@@ -1,0 +1,19 @@
+"""Spatial Disorder, retrieval and forgetting measures as plain functions over tensors (SPEC §5.5).
+
+    from geomlab.geometry import rotation_angles, procrustes, spatial_disorder
+    theta = rotation_angles(image_a, image_b)          # degrees, per sample
+    p = procrustes(image_a, image_b)                   # rotation, spectrum, rigid_share, residual_angles
+"""
+from .forgetting import accuracy_matrix, average_accuracy, bwt, forgetting
+from .measures import (ProcrustesResult, eigen_angles, flips, inter_modal_deviation, linear_cka,
+                       modality_gap, mutual_knn, procrustes, roc_auc, rotation_angles, spatial_disorder,
+                       topology_drift)
+from .retrieval import metrics_from_ranks, retrieval_metrics
+from .stats import summarize
+
+__all__ = [
+    "rotation_angles", "topology_drift", "procrustes", "ProcrustesResult", "eigen_angles", "linear_cka",
+    "mutual_knn", "modality_gap", "inter_modal_deviation", "flips", "spatial_disorder",
+    "retrieval_metrics", "metrics_from_ranks", "accuracy_matrix", "average_accuracy", "forgetting", "bwt",
+    "summarize", "roc_auc",
+]

@@ -1,0 +1,444 @@
+"""Spatial Disorder (SPEC §5.2): how the image and text spaces move from checkpoint a to checkpoint b.
+
+Every function takes plain tensors (rows = samples; row i of `a` and `b` is the same probe sample)
+and normalises its inputs to unit length first, so float16 traces can be passed as they are.
+Angles are in degrees. Nothing N×N is held in memory: topology drift and k-NN work tile by tile.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geomlab import kernels
+
+from .stats import quantile_from_hist, summarize
+
+DEG = 180.0 / math.pi
+
+
+def _unit(x, dtype=torch.float64) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    return F.normalize(x.detach().to("cpu", dtype), dim=-1)
+
+
+def _pair_index(caption_image, n_images: int, n_texts: int) -> torch.Tensor:
+    if caption_image is None:
+        if n_images != n_texts:
+            raise ValueError(f"{n_images} images but {n_texts} texts: pass caption_image")
+        return torch.arange(n_images)
+    return torch.as_tensor(caption_image).to("cpu", torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotation angles
+
+
+def rotation_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample rotation angle θ_i = arccos⟨a_i, b_i⟩ in degrees (a_i, b_i unit vectors).
+
+    Computed as θ_i = 2·atan2(‖a_i − b_i‖, ‖a_i + b_i‖), which equals arccos⟨a_i, b_i⟩ but stays
+    accurate for tiny angles (identical rows give exactly 0). Returns a float64 tensor [N].
+    """
+    u, v = _unit(a), _unit(b)
+    if u.shape != v.shape:
+        raise ValueError(f"rotation_angles: shapes differ {tuple(u.shape)} vs {tuple(v.shape)}")
+    return 2.0 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1)) * DEG
+
+
+# ---------------------------------------------------------------------------------------------
+# topology drift
+
+
+def default_workers() -> int:
+    """Threads for tiled work: the cores this process may use, at most 4."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+@contextmanager
+def single_threaded_torch():
+    """torch intra-op threads = 1 inside (callers parallelise over Python threads instead: torch
+    releases the GIL, and two cores shared by several processes lose badly to OpenMP spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _DriftAcc:
+    def __init__(self, nbins: int, bin_width: float):
+        self.hist = torch.zeros(nbins, dtype=torch.long)
+        self.total, self.count, self.peak, self.nbins, self.bin_width = 0.0, 0, 0.0, nbins, bin_width
+
+    def add(self, d: torch.Tensor) -> None:
+        if d.numel() == 0:
+            return
+        self.total += float(d.sum())
+        self.count += d.numel()
+        self.peak = max(self.peak, float(d.max()))
+        idx = d.mul(1.0 / self.bin_width).to(torch.int64).clamp_(0, self.nbins - 1).ravel()
+        self.hist.add_(torch.bincount(idx, minlength=self.nbins))
+
+    def merge(self, other: "_DriftAcc") -> None:
+        self.total += other.total
+        self.count += other.count
+        self.peak = max(self.peak, other.peak)
+        self.hist.add_(other.hist)
+
+
+def _drift(s_old: torch.Tensor, s_new: torch.Tensor) -> torch.Tensor:
+    d = torch.acos(s_new.clamp_(-1.0, 1.0)).sub_(torch.acos(s_old.clamp_(-1.0, 1.0)))
+    return d.abs_().mul_(DEG)
+
+
+def _drift_rows(x, y, i0, i1, tile, acc: _DriftAcc) -> None:
+    """Pairs (i, j) with i in [i0, i1) and j > i."""
+    n = x.shape[0]
+    diag = _drift(x[i0:i1] @ x[i0:i1].T, y[i0:i1] @ y[i0:i1].T)
+    acc.add(diag[torch.triu(torch.ones_like(diag, dtype=torch.bool), diagonal=1)])
+    for j0 in range(i1, n, 4 * tile):
+        j1 = min(j0 + 4 * tile, n)
+        acc.add(_drift(x[i0:i1] @ x[j0:j1].T, y[i0:i1] @ y[j0:j1].T))
+
+
+def topology_drift(a_old: torch.Tensor, a_new: torch.Tensor, *, exact_limit: int = 20_000,
+                   sample_pairs: int = 10_000_000, seed: int = 0, tile: int = 512,
+                   bin_width: float = 0.01, workers: int | None = None) -> dict:
+    """Drift of the self-angle matrix: |SAM^new_ij − SAM^old_ij| over pairs i ≠ j, in degrees,
+    with SAM_ij = arccos⟨a_i, a_j⟩.
+
+    For N ≤ `exact_limit` every pair i < j is visited, `tile` rows at a time (memory O(tile·N)),
+    row tiles shared among `workers` threads (default: the usable cores, ≤ 4); above it a seeded
+    uniform sample of max(sample_pairs, 10⁷) ordered pairs i ≠ j is used.
+    Returns {"mean", "median", "p90", "max", "pairs", "exact", "bin_width"}: mean and max are exact
+    over the visited pairs; median and p90 come from a histogram of `bin_width`° bins (bin centres).
+    Computed in float32.
+    """
+    x, y = _unit(a_old, torch.float32), _unit(a_new, torch.float32)
+    if x.shape != y.shape:
+        raise ValueError(f"topology_drift: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
+    n = x.shape[0]
+    nbins = int(math.ceil(180.0 / bin_width)) + 1
+    acc = _DriftAcc(nbins, bin_width)
+    exact = n <= exact_limit
+    workers = default_workers() if workers is None else max(1, int(workers))
+    with torch.no_grad():
+        if exact:
+            starts = list(range(0, n, tile))
+            if workers == 1 or len(starts) < 2:
+                for i0 in starts:
+                    _drift_rows(x, y, i0, min(i0 + tile, n), tile, acc)
+            else:
+                accs = [_DriftAcc(nbins, bin_width) for _ in range(workers)]
+                queue = iter(starts)
+                lock = threading.Lock()
+
+                def work(k):
+                    while True:
+                        with lock:
+                            i0 = next(queue, None)
+                        if i0 is None:
+                            return
+                        _drift_rows(x, y, i0, min(i0 + tile, n), tile, accs[k])
+
+                with single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(work, range(workers)))
+                for a in accs:
+                    acc.merge(a)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            remaining = max(int(sample_pairs), 10_000_000)
+            chunk = max(1 << 12, min(1 << 20, (1 << 24) // max(x.shape[1], 1)))  # ≤ 256 MB of gathers
+            while remaining > 0:
+                m = min(chunk, remaining)
+                i = torch.randint(0, n, (m,), generator=gen)
+                j = torch.randint(0, n - 1, (m,), generator=gen)
+                j = j + (j >= i).long()  # uniform over j ≠ i
+                acc.add(_drift((x[i] * x[j]).sum(1), (y[i] * y[j]).sum(1)))
+                remaining -= m
+    if acc.count == 0:
+        return {"mean": 0.0, "median": 0.0, "p90": 0.0, "max": 0.0, "pairs": 0, "exact": exact,
+                "bin_width": bin_width}
+    return {"mean": acc.total / acc.count, "median": quantile_from_hist(acc.hist, bin_width, 0.5),
+            "p90": quantile_from_hist(acc.hist, bin_width, 0.9), "max": acc.peak, "pairs": int(acc.count),
+            "exact": exact, "bin_width": bin_width}
+
+
+# ---------------------------------------------------------------------------------------------
+# orthogonal Procrustes
+
+
+class ProcrustesResult(NamedTuple):
+    rotation: torch.Tensor         # [d, d] orthogonal R (float64)
+    spectrum: torch.Tensor         # [d] eigen-angles of R in degrees, descending
+    rigid_share: float             # 1 − ‖a R − b‖² / ‖a − b‖²
+    residual_angles: torch.Tensor  # [N] angle between a_i R and b_i, degrees
+
+
+def eigen_angles(rotation: torch.Tensor) -> torch.Tensor:
+    """Eigen-angles of an orthogonal matrix Q in degrees, descending: |arg λ_k| over its d eigenvalues.
+
+    Q is normal, so its symmetric part (Q + Qᵀ)/2 has eigenvalues cos θ_k; θ_k = arccos of those
+    (a conjugate pair e^{±iθ} gives θ twice; a reflection gives 180°).
+    """
+    q = torch.as_tensor(rotation).to("cpu", torch.float64)
+    cos = torch.linalg.eigvalsh(0.5 * (q + q.T)).clamp(-1.0, 1.0)
+    return torch.sort(torch.acos(cos) * DEG, descending=True).values
+
+
+def _procrustes_rotation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """R = argmin_{R ∈ O(d)} ‖a R − b‖_F = U Vᵀ with aᵀb = U Σ Vᵀ. Where aᵀb is rank deficient
+    (N < d, or directions no sample uses), R is chosen closest to the identity on the unused subspace."""
+    m = a.T @ b
+    u, s, vh = torch.linalg.svd(m)
+    d = m.shape[0]
+    tol = (s[0] if s.numel() else 0.0) * max(a.shape[0], d) * 1e-12
+    r = int((s > tol).sum())
+    if r >= d:
+        return u @ vh
+    v = vh.T
+    rot = u[:, :r] @ v[:, :r].T
+    u_perp, v_perp = u[:, r:], v[:, r:]
+    # maximise tr(R) over the free block: Q = polar factor of (V⊥ᵀ U⊥)ᵀ
+    p, _, wh = torch.linalg.svd(v_perp.T @ u_perp)
+    q = wh.T @ p.T
+    return rot + u_perp @ q @ v_perp.T
+
+
+def procrustes(a_old: torch.Tensor, a_new: torch.Tensor) -> ProcrustesResult:
+    """Orthogonal Procrustes from a_old to a_new: R = argmin_{R ∈ O(d)} ‖A R − B‖_F = U Vᵀ where
+    AᵀB = U Σ Vᵀ (A, B row-normalised, float64).
+
+    rigid_share = 1 − ‖A R − B‖²_F / ‖A − B‖²_F (1.0 when A = B: nothing moved), spectrum = the
+    eigen-angles of R (`eigen_angles`), residual_angles = rotation_angles(A R, B).
+    """
+    a, b = _unit(a_old), _unit(a_new)
+    if a.shape != b.shape:
+        raise ValueError(f"procrustes: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
+    rot = _procrustes_rotation(a, b)
+    aligned = a @ rot
+    den = float(((a - b) ** 2).sum())
+    num = float(((aligned - b) ** 2).sum())
+    share = 1.0 if den <= 1e-24 else min(1.0, max(0.0, 1.0 - num / den))
+    return ProcrustesResult(rot, eigen_angles(rot), share, rotation_angles(aligned, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# representation similarity
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA in its d×d feature form: with column-centred X, Y,
+    CKA = ‖YᵀX‖²_F / (‖XᵀX‖_F · ‖YᵀY‖_F). Inputs are not re-normalised (rows as given), float64.
+    Equals HSIC(K, L)/√(HSIC(K, K)·HSIC(L, L)) with K = XXᵀ, L = YYᵀ, without any N×N matrix.
+    """
+    xc = torch.as_tensor(x).to("cpu", torch.float64)
+    yc = torch.as_tensor(y).to("cpu", torch.float64)
+    xc = xc - xc.mean(0, keepdim=True)
+    yc = yc - yc.mean(0, keepdim=True)
+    num = float(torch.linalg.matrix_norm(yc.T @ xc) ** 2)
+    den = float(torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc))
+    return 1.0 if den == 0.0 else num / den
+
+
+def _knn(x: torch.Tensor, rows: slice, k: int) -> torch.Tensor:
+    s = x[rows] @ x.T
+    idx = torch.arange(rows.start, rows.stop)
+    s[torch.arange(len(idx)), idx] = -float("inf")
+    return torch.topk(s, k, dim=1).indices
+
+
+def mutual_knn(x: torch.Tensor, y: torch.Tensor, k: int = 10, *, tile: int = 1024) -> float:
+    """Mutual k-NN overlap: mean over i of |N^x_k(i) ∩ N^y_k(i)| / k, where N_k(i) are the k nearest
+    neighbours of sample i by cosine similarity, i itself excluded. Streamed `tile` rows at a time
+    (memory O(tile·N)); k is capped at N − 1.
+    """
+    a, b = _unit(x, torch.float32), _unit(y, torch.float32)
+    n = a.shape[0]
+    k = min(k, n - 1)
+    if k <= 0:
+        return 1.0
+    total = 0.0
+    with torch.no_grad():
+        for i0 in range(0, n, tile):
+            rows = slice(i0, min(i0 + tile, n))
+            na, nb = _knn(a, rows, k), _knn(b, rows, k)
+            total += float((na.unsqueeze(2) == nb.unsqueeze(1)).any(2).sum())
+    return total / (n * k)
+
+
+# ---------------------------------------------------------------------------------------------
+# inter-modal deviation
+
+
+def modality_gap(image: torch.Tensor, text: torch.Tensor) -> float:
+    """Modality gap ‖mean_i I_i − mean_j T_j‖ (unit rows; every caption counts in the text mean)."""
+    return float((_unit(image).mean(0) - _unit(text).mean(0)).norm())
+
+
+def _per_image(values: torch.Tensor, pair_image: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Mean of per-caption values over each image's captions."""
+    total = torch.zeros(n_images, dtype=torch.float64).index_add_(0, pair_image, values.double())
+    count = torch.zeros(n_images, dtype=torch.float64).index_add_(0, pair_image, torch.ones_like(values, dtype=torch.float64))
+    return total / count.clamp(min=1)
+
+
+def inter_modal_deviation(image_a: torch.Tensor, text_a: torch.Tensor, image_b: torch.Tensor,
+                          text_b: torch.Tensor, caption_image: torch.Tensor | None = None, *,
+                          rotations: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """How far the two spaces rotate out of step from a to b. Pairs are (image caption_image[c], text c).
+
+    - mismatch δ_c = |θ^I_{caption_image[c]} − θ^T_c| (θ = `rotation_angles` a → b), degrees;
+    - alignment drift Δφ_c = φ^b_c − φ^a_c, φ_c = arccos⟨I_{caption_image[c]}, T_c⟩ (positive: apart);
+    - desynchronisation: eigen-angles of R_Iᵀ R_T (`procrustes` rotations a → b per modality), with
+      their mean and max;
+    - modality gap ‖mean(I) − mean(T)‖ at a and at b.
+    `rotations` = (R_I, R_T) if already computed.
+    """
+    pair_image = _pair_index(caption_image, image_a.shape[0], text_a.shape[0])
+    theta_i = rotation_angles(image_a, image_b)
+    theta_t = rotation_angles(text_a, text_b)
+    mismatch = (theta_i[pair_image] - theta_t).abs()
+    ia, ib = _unit(image_a), _unit(image_b)
+    phi_a = rotation_angles(ia[pair_image], text_a)
+    phi_b = rotation_angles(ib[pair_image], text_b)
+    if rotations is None:
+        rotations = (_procrustes_rotation(ia, _unit(image_b)), _procrustes_rotation(_unit(text_a), _unit(text_b)))
+    r_i, r_t = rotations
+    desync = eigen_angles(r_i.T.double() @ r_t.double())
+    return {"mismatch": mismatch, "alignment_drift": phi_b - phi_a, "phi_a": phi_a, "phi_b": phi_b,
+            "desync_spectrum": desync, "desync_mean": float(desync.mean()), "desync_max": float(desync.max()),
+            "modality_gap_a": modality_gap(image_a, text_a), "modality_gap_b": modality_gap(image_b, text_b)}
+
+
+# ---------------------------------------------------------------------------------------------
+# flips: what the movement does to retrieval
+
+
+def roc_auc(labels: torch.Tensor, scores: torch.Tensor) -> float | None:
+    """ROC AUC of `scores` for binary `labels` (Mann–Whitney U with mid-ranks for ties):
+    AUC = (Σ rank(positives) − P(P+1)/2) / (P·N). None when only one class is present."""
+    from scipy.stats import rankdata
+
+    y = torch.as_tensor(labels).cpu().numpy().astype(bool).ravel()
+    pos = int(y.sum())
+    neg = y.size - pos
+    if pos == 0 or neg == 0:
+        return None
+    r = rankdata(torch.as_tensor(scores).detach().double().cpu().numpy().ravel())
+    return float((r[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+_auc = roc_auc
+
+
+def flips(image_a: torch.Tensor, text_a: torch.Tensor, image_b: torch.Tensor, text_b: torch.Tensor,
+          caption_image: torch.Tensor | None = None, *, ranks_a=None, ranks_b=None, deviation: dict | None = None,
+          backend: str = "auto") -> dict:
+    """R@1 flips from a to b and how well deviation predicts them, per direction.
+
+    For direction x ∈ {image_to_text, text_to_image}: correct = (rank of the positive == 0);
+    forgotten = |correct_a ∧ ¬correct_b| / |correct_a|, learned = |¬correct_a ∧ correct_b| / |¬correct_a|;
+    auc_alignment_drift / auc_mismatch = ROC AUC (`roc_auc`, equal to sklearn's) with which Δφ / δ predict "forgotten"
+    among queries correct at a (an image query scores the mean over its captions); None when
+    that set holds only one class. Masks `forgotten_mask` / `learned_mask` are returned too.
+    """
+    pair_image = _pair_index(caption_image, image_a.shape[0], text_a.shape[0])
+    ci = None if caption_image is None else pair_image
+    # ranks on the embeddings as given (as `retrieval_metrics` computes them)
+    if ranks_a is None:
+        ranks_a = kernels.retrieval_ranks(image_a.float(), text_a.float(), ci, backend=backend)
+    if ranks_b is None:
+        ranks_b = kernels.retrieval_ranks(image_b.float(), text_b.float(), ci, backend=backend)
+    if deviation is None:
+        deviation = inter_modal_deviation(image_a, text_a, image_b, text_b, caption_image)
+    n_img = image_a.shape[0]
+    scores = {
+        "image_to_text": (_per_image(deviation["alignment_drift"], pair_image, n_img),
+                          _per_image(deviation["mismatch"], pair_image, n_img)),
+        "text_to_image": (deviation["alignment_drift"], deviation["mismatch"]),
+    }
+    out = {}
+    for k, direction in enumerate(("image_to_text", "text_to_image")):
+        ca, cb = ranks_a[k].cpu() == 0, ranks_b[k].cpu() == 0
+        forgotten, learned = ca & ~cb, ~ca & cb
+        drift_score, mismatch_score = scores[direction]
+        out[direction] = {
+            "queries": int(ca.numel()), "correct_a": int(ca.sum()), "correct_b": int(cb.sum()),
+            "n_forgotten": int(forgotten.sum()), "n_learned": int(learned.sum()),
+            "forgotten": float(forgotten.sum()) / max(int(ca.sum()), 1),
+            "learned": float(learned.sum()) / max(int((~ca).sum()), 1),
+            "auc_alignment_drift": _auc(forgotten[ca], drift_score[ca]),
+            "auc_mismatch": _auc(forgotten[ca], mismatch_score[ca]),
+            "forgotten_mask": forgotten, "learned_mask": learned,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# everything for one checkpoint pair
+
+
+def _parts(x, caption_image):
+    if hasattr(x, "image"):
+        return x.image, x.text, getattr(x, "caption_image", caption_image)
+    image, text = x[0], x[1]
+    return image, text, (x[2] if len(x) > 2 else caption_image)
+
+
+def spatial_disorder(a, b, *, caption_image: torch.Tensor | None = None, k: int = 10,
+                     exact_limit: int = 20_000, sample_pairs: int = 10_000_000, seed: int = 0,
+                     ranks_a=None, ranks_b=None, backend: str = "auto", workers: int | None = None) -> dict:
+    """Everything of SPEC §5.2 for one checkpoint pair a → b, as a JSON-ready dict.
+
+    `a`, `b`: `DomainEmbeddings` (or (image, text[, caption_image]) tuples) of the same probe set.
+    Keys: rotation, topology_drift, procrustes, cka, mutual_knn (each {"image", "text"}),
+    deviation and flips; per-sample values appear as `summarize` summaries (mean, quantiles,
+    histogram). The schema is documented in docs/analysis_schema.md.
+    """
+    image_a, text_a, ci = _parts(a, caption_image)
+    image_b, text_b, ci_b = _parts(b, caption_image)
+    ci = ci if ci is not None else ci_b
+    out = {"n_images": int(image_a.shape[0]), "n_texts": int(text_a.shape[0])}
+    rot, drift, proc, cka, knn = {}, {}, {}, {}, {}
+    rotations = []
+    for name, x, y in (("image", image_a, image_b), ("text", text_a, text_b)):
+        rot[name] = summarize(rotation_angles(x, y), hist=True)
+        drift[name] = topology_drift(x, y, exact_limit=exact_limit, sample_pairs=sample_pairs, seed=seed,
+                                     workers=workers)
+        p = procrustes(x, y)
+        rotations.append(p.rotation)
+        proc[name] = {"rigid_share": p.rigid_share, "spectrum": summarize(p.spectrum, hist=True),
+                      "residual": summarize(p.residual_angles)}
+        cka[name] = linear_cka(_unit(x), _unit(y))
+        knn[name] = mutual_knn(x, y, k)
+    dev = inter_modal_deviation(image_a, text_a, image_b, text_b, ci, rotations=tuple(rotations))
+    fl = flips(image_a, text_a, image_b, text_b, ci, ranks_a=ranks_a, ranks_b=ranks_b, deviation=dev, backend=backend)
+    out.update({"rotation": rot, "topology_drift": drift, "procrustes": proc, "cka": cka, "mutual_knn": knn})
+    out["deviation"] = {
+        "mismatch": summarize(dev["mismatch"]),
+        "alignment_drift": summarize(dev["alignment_drift"], signed=True),
+        "desync": {"mean": dev["desync_mean"], "max": dev["desync_max"], "spectrum": summarize(dev["desync_spectrum"], hist=True)},
+        "modality_gap": {"a": dev["modality_gap_a"], "b": dev["modality_gap_b"]},
+    }
+    out["flips"] = {d: {k2: v for k2, v in f.items() if not k2.endswith("_mask")} for d, f in fl.items()}
+    return out
+
+
+def numpy_eigen_angles(rotation) -> np.ndarray:
+    """Reference: |angle| of the complex eigenvalues of `rotation` (numpy.linalg.eigvals), degrees, descending."""
+    w = np.linalg.eigvals(np.asarray(rotation, dtype=np.float64))
+    return np.sort(np.abs(np.angle(w, deg=True)))[::-1]

@@ -1,0 +1,72 @@
+"""Synthetic geomlab run directories made of traces only: for tests, benchmarks and demos of the analyser.
+
+Each strategy's spaces rotate by small random rotations (different for image and text, so the two
+spaces desynchronise) plus noise that grows on the first probe set (so it is forgotten).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from geomlab.traces import DomainEmbeddings, Trace, checkpoint_stem, write_trace
+
+
+def small_rotation(d: int, angle: float, gen: torch.Generator) -> torch.Tensor:
+    """exp(K) for a random skew-symmetric K scaled so the largest eigen-angle is about `angle` radians."""
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    k = a - a.T
+    k = k * (angle / torch.linalg.matrix_norm(k, ord=2))
+    return torch.linalg.matrix_exp(k)
+
+
+def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints: int = 12, domains: int = 5,
+                  n: int = 500, d: int = 64, seed: int = 0, captions_per_image: int = 1) -> Path:
+    """Write runs/NAME-like `root`: run.json and traces for base (phase 0) and each strategy.
+
+    A strategy has `checkpoints` checkpoints in all, counting the shared base phase-0 end one:
+    phases 1..domains-1, spread evenly. With `captions_per_image` > 1 the traces carry
+    `caption_image`. Returns `root`.
+    """
+    root = Path(root)
+    gen = torch.Generator().manual_seed(seed)
+    names = [f"domain{k}" for k in range(domains)]
+    base = {}
+    for name in names:
+        img = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+        rep = img.repeat_interleave(captions_per_image, dim=0)
+        txt = F.normalize(rep + 0.35 * torch.randn(rep.shape, generator=gen, dtype=torch.float64), dim=1)
+        base[name] = (img, txt, torch.arange(n, dtype=torch.int64) + 10_000 * len(base))
+    caption_image = torch.arange(n).repeat_interleave(captions_per_image) if captions_per_image > 1 else None
+
+    def trace(state, phase, step):
+        return Trace(domains={k: DomainEmbeddings(v[0].float(), v[1].float(), v[2],
+                                                 None if caption_image is None else caption_image.clone())
+                              for k, v in state.items()}, phase=phase, step=step, model="geomlab-tiny")
+
+    write_trace(root / "base" / "traces" / f"{checkpoint_stem(0, 100)}.safetensors", trace(base, 0, 100))
+    phases = max(domains - 1, 1)
+    per_phase = [(checkpoints - 1) // phases + (1 if p < (checkpoints - 1) % phases else 0) for p in range(phases)]
+    completed = {"base": [0]}
+    for si, strategy in enumerate(strategies):
+        scale = 1.0 / (1 + si)  # later strategies move less
+        state = {k: (v[0].clone(), v[1].clone(), v[2]) for k, v in base.items()}
+        for p, count in enumerate(per_phase, 1):
+            for c in range(1, count + 1):
+                new = {}
+                for di, (k, (img, txt, ids)) in enumerate(state.items()):
+                    ri = small_rotation(d, 0.08 * scale, gen)
+                    rt = small_rotation(d, 0.05 * scale, gen)
+                    noise = (0.12 if di == 0 else 0.03) * scale
+                    img = F.normalize(img @ ri + noise * torch.randn(img.shape, generator=gen, dtype=torch.float64), dim=1)
+                    txt = F.normalize(txt @ rt + noise * torch.randn(txt.shape, generator=gen, dtype=torch.float64), dim=1)
+                    new[k] = (img, txt, ids)
+                state = new
+                write_trace(root / strategy / "traces" / f"{checkpoint_stem(p, 50 * c)}.safetensors", trace(state, p, 50 * c))
+        completed[strategy] = list(range(1, phases + 1))
+    run = {"strategies": list(strategies), "phases": names, "probes": names, "completed": completed, "seed": seed,
+           "device": "cpu", "model": "geomlab-tiny", "versions": {}}
+    (root / "run.json").write_text(json.dumps(run, indent=2))
+    return root
