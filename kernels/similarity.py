@@ -84,8 +84,9 @@ def _best_caption(pos: torch.Tensor, ci: torch.Tensor, n_img: int):
 # torch backend (tiled; the CPU path)
 # --------------------------------------------------------------------------------------------
 
-#: query rows × gallery columns of one fp32 score tile of the torch backend (16 M elements = 64 MiB
-#: would not stay in cache; these keep the GEMM efficient and the selection passes cheap).
+#: query rows × gallery columns of one fp32 score tile of the torch backend: 4096 × 4096 = 64 MiB
+#: per worker thread (ranks: two such buffers), big enough for an efficient GEMM and few Python
+#: steps, small enough that N is bounded by time, not memory.
 TOPK_BLOCK_Q = 4096
 TOPK_BLOCK_G = 4096
 RANK_BLOCK_Q = 4096
@@ -105,7 +106,7 @@ def _tile(buf: torch.Tensor, m: int, n: int) -> torch.Tensor:
 
 def _merge(run_v, run_i, cand, k):
     """Merge candidate chunks [(rows, index, value), ...] into the running top-k lists of all m
-    rows (run_v/run_i [m, w], w ≤ k, each row sorted by (value desc, index asc), or None).
+    rows (run_v/run_i [m, w], w ≤ k, w = 0 at the start, each row sorted by (value desc, index asc)).
 
     Every chunk is in row-major order with ascending indices within a row, chunks in gallery order,
     and running entries have smaller indices than every candidate, so one stable descending sort of
@@ -143,7 +144,14 @@ def _merge(run_v, run_i, cand, k):
 SEGMENT = 64
 
 
-def _above(s: torch.Tensor, thr: torch.Tensor):
+def _segment_max(s: torch.Tensor):
+    """Maxima of the SEGMENT-wide column segments of s [m, n] (the ragged tail excluded), or None."""
+    m, n = s.shape
+    nf = n - n % SEGMENT
+    return s[:, :nf].view(m, nf // SEGMENT, SEGMENT).amax(2) if nf else None
+
+
+def _above(s: torch.Tensor, thr: torch.Tensor, segmax: torch.Tensor | None = None):
     """(rows, cols, values) of the entries of s [m, n] strictly above thr [m, 1], in row-major order.
 
     Two-level pruning: the maxima of SEGMENT-wide column segments (one fast reduction pass) are
@@ -155,7 +163,7 @@ def _above(s: torch.Tensor, thr: torch.Tensor):
     if nf:
         nb = nf // SEGMENT
         segs = s[:, :nf].view(m, nb, SEGMENT)
-        r, b = (segs.amax(2) > thr).nonzero(as_tuple=True)
+        r, b = ((segs.amax(2) if segmax is None else segmax) > thr).nonzero(as_tuple=True)
         if r.numel():
             seg = segs.reshape(m * nb, SEGMENT).index_select(0, r * nb + b) if nf == n else segs[r, b]
             flat = (seg > thr.index_select(0, r)).view(-1).nonzero().squeeze(1)
@@ -233,13 +241,18 @@ def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Te
             if n <= need:  # every entry is a candidate
                 rows, cols = torch.ones_like(s, dtype=torch.bool).nonzero(as_tuple=True)
                 vals = s[rows, cols]
-            else:  # everything ≥ the tile's need-th value (all ties at the boundary), or
-                # above the current last entry
-                kth = torch.topk(s, need, dim=1, sorted=False).values.amin(1, keepdim=True)
+            else:  # everything ≥ a lower bound of the tile's need-th value (so all ties at the
+                # boundary too), or above the current last entry. The bound: the need-th largest
+                # segment maximum (need distinct entries reach it) — a top-k over 64× fewer values.
+                segmax = _segment_max(s)
+                if segmax is not None and segmax.shape[1] >= need:
+                    kth = torch.topk(segmax, need, dim=1, sorted=False).values.amin(1, keepdim=True)
+                else:
+                    kth = torch.topk(s, need, dim=1, sorted=False).values.amin(1, keepdim=True)
                 thr = torch.nextafter(kth, torch.full_like(kth, float("-inf")))
                 if w:
                     thr = torch.minimum(thr, run_v[:, -1:])
-                rows, cols, vals = _above(s, thr)
+                rows, cols, vals = _above(s, thr, segmax)
             run_v, run_i = _merge(run_v, run_i, [(rows, cols + g0, vals)], k)
             continue
         rows, cols, vals = _above(s, run_v[:, -1:])
@@ -266,7 +279,7 @@ def topk_torch(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, block_q:
         raise ValueError(f"k must lie in [1, {ng}] (gallery size), got {k}")
     dev = queries.device
     bq0 = min(block_q or TOPK_BLOCK_Q, max(nq, 1))
-    workers = _cpu_workers(dev, -(-nq // bq0))
+    workers = _cpu_workers(dev, nq // 256)  # ≥ 256 query rows per worker
     bq = _block_size(nq, bq0, workers)
     bg = min(block_g or TOPK_BLOCK_G, ng)
     q, g = _as_f32(queries), _as_f32(gallery)
@@ -302,7 +315,10 @@ def retrieval_ranks_torch(image: torch.Tensor, text: torch.Tensor, caption_image
         t1 = min(n_txt, t0 + bt)
         pos_t[t0:t1] = torch.mm(im.index_select(0, ci[t0:t1]), tx[t0:t1].T).diagonal()
     pos_i, best = _best_caption(pos_t, ci, n_img)  # per image: best caption's score and index
-    workers = _cpu_workers(dev, -(-n_img // bi))
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+    pos_t_prev = torch.nextafter(pos_t, neg_inf)  # the largest float below each positive score
+    pos_i_prev = torch.nextafter(pos_i, neg_inf)
+    workers = _cpu_workers(dev, n_img // 256)  # ≥ 256 image rows per worker
     bi = _block_size(n_img, bi, workers)
     cnt_i = torch.zeros(n_img, dtype=torch.long, device=dev)
     local = __import__("threading").local()
@@ -311,33 +327,50 @@ def retrieval_ranks_torch(image: torch.Tensor, text: torch.Tensor, caption_image
     def block(i0):
         if not hasattr(local, "buf"):
             local.buf = torch.empty(bi * bt, device=dev)
+            local.flags = torch.empty(bi * bt, device=dev)
             local.cnt_t = torch.zeros(n_txt, dtype=torch.long, device=dev)
             partial_t.append(local.cnt_t)
         buf, cnt_t = local.buf, local.cnt_t
         i1 = min(n_img, i0 + bi)
-        pr, br = pos_i[i0:i1].unsqueeze(1), best[i0:i1]
+        pr, br, pr_prev = pos_i[i0:i1].unsqueeze(1), best[i0:i1], pos_i_prev[i0:i1]
         ci_ = cnt_i[i0:i1]
+        # A gallery item j counts against a positive at index p with score pos iff
+        # (j < p and s_j ≥ pos) or (j > p and s_j > pos). For a tile on one side of p that is one
+        # comparison `s > thr`, thr = pos (tile after p) or the next float below pos (tile before
+        # p, or containing p): one pass per direction. Where p lies inside the tile, that counted
+        # every s_j ≥ pos; the ties at j ≥ p (the positive itself included) are then taken off,
+        # and so is the positive if rounding put its tile entry above pos (it never counts).
         for t0 in range(0, n_txt, bt):
             t1 = min(n_txt, t0 + bt)
             s = torch.mm(im[i0:i1], tx[t0:t1].T, out=_tile(buf, i1 - i0, t1 - t0))
-            pc, cc = pos_t[t0:t1].unsqueeze(0), ci[t0:t1]
-            ci_ += (s > pr).sum(1)
-            cnt_t[t0:t1] += (s > pc).sum(0)
-            # equal scores count when their index is smaller than the positive's; the positive
-            # itself never counts (nor does it if rounding made its tile entry exceed `pos`).
-            r, c = (s == pr).nonzero(as_tuple=True)
-            if r.numel():
-                ci_.index_add_(0, r, (c + t0 < br[r]).long())
-            r, c = (s == pc).nonzero(as_tuple=True)
-            if r.numel():
-                cnt_t.index_add_(0, c + t0, (r + i0 < cc[c]).long())
-            # positives inside this tile that the strict comparison counted: remove them
-            rows = ((br >= t0) & (br < t1)).nonzero().squeeze(1)
-            if rows.numel():
-                ci_.index_add_(0, rows, -(s[rows, br[rows] - t0] > pr[rows, 0]).long())
-            cols = ((cc >= i0) & (cc < i1)).nonzero().squeeze(1)
-            if cols.numel():
-                cnt_t.index_add_(0, cols + t0, -(s[cc[cols] - i0, cols] > pc[0, cols]).long())
+            flags = _tile(local.flags, i1 - i0, t1 - t0)
+            # image→text (rows)
+            thr = torch.where(br < t0, pr[:, 0], pr_prev).unsqueeze(1)
+            # comparisons written as 0/1 floats: float sums are several times faster than bool
+            # sums, and exact (a tile row holds far fewer than 2^24 entries)
+            cnt = torch.gt(s, thr, out=flags).sum(1).long()
+            inside = ((br >= t0) & (br < t1)).nonzero().squeeze(1)
+            if inside.numel():
+                r, c = (s == pr).nonzero(as_tuple=True)
+                b = br[r]
+                r = r[(b >= t0) & (b < t1) & (c + t0 >= b)]
+                cnt.index_add_(0, r, torch.full_like(r, -1))
+                above = s[inside, br[inside] - t0] > pr[inside, 0]
+                cnt.index_add_(0, inside, -above.long())
+            ci_ += cnt
+            # text→image (columns)
+            pc, pcp, cc = pos_t[t0:t1], pos_t_prev[t0:t1], ci[t0:t1]
+            thr = torch.where(cc < i0, pc, pcp).unsqueeze(0)
+            cnt = torch.gt(s, thr, out=flags).sum(0).long()
+            inside = ((cc >= i0) & (cc < i1)).nonzero().squeeze(1)
+            if inside.numel():
+                r, c = (s == pc.unsqueeze(0)).nonzero(as_tuple=True)
+                p = cc[c]
+                c = c[(p >= i0) & (p < i1) & (r + i0 >= p)]
+                cnt.index_add_(0, c, torch.full_like(c, -1))
+                above = s[cc[inside] - i0, inside] > pc[inside]
+                cnt.index_add_(0, inside, -above.long())
+            cnt_t[t0:t1] += cnt
 
     _run_blocks(block, range(0, n_img, bi), workers)
     cnt_t = partial_t[0] if partial_t else torch.zeros(n_txt, dtype=torch.long, device=dev)
