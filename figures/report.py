@@ -65,7 +65,7 @@ def _summary_table(a: dict) -> str:
             _f(g and g["procrustes"]["image"]["rigid_share"], ".2f"), _f(g and g["deviation"]["desync"]["mean"], ".1f"),
             _f(g and g["flips"]["image_to_text"]["forgotten"], ".2f"),
             _f(g and g["flips"]["image_to_text"]["auc_alignment_drift"], ".2f"))) + "</tr>")
-    head = ("strategy", "checkpoints", "average R@1", "mean forgetting", "BWT", f"θ image (°)", "θ text (°)",
+    head = ("strategy", "checkpoints", "average R@1", "mean forgetting", "BWT", "θ image (°)", "θ text (°)",
             "rigid share (image)", "desync (°)", "forgotten i→t", "AUC Δφ→forgotten")
     return (f"<table><tr>{''.join(f'<th>{_e(h)}</th>' for h in head)}</tr>{''.join(rows)}</table>"
             f"<p class=note>Geometry columns: last checkpoint against the base checkpoint, probe {_e(d0)}.</p>")

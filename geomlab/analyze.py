@@ -345,7 +345,7 @@ def _analyse(source, traces, *, captions, exact_limit, quiet, backend, workers) 
 
     from tqdm import tqdm
 
-    from geomlab.geometry.measures import default_workers, single_threaded_torch
+    from geomlab.geometry.measures import default_workers
 
     from geomlab import kernels
     from geomlab.geometry import (accuracy_matrix, average_accuracy, bwt, forgetting, metrics_from_ranks,

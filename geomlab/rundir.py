@@ -10,7 +10,6 @@ import torch
 
 from geomlab.config import tomllib
 from geomlab.io import atomic_write_json, atomic_write_text, load_checkpoint, read_jsonl
-from geomlab.traces import checkpoint_stem
 
 
 class RunDirError(ValueError):

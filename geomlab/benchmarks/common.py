@@ -1,7 +1,6 @@
 """Shared output for the benchmark suites: one aligned table on stdout, optionally JSON."""
 from __future__ import annotations
 
-import json
 import platform
 
 import torch

@@ -107,7 +107,6 @@ def _make_case(op, impl, b, d, device):
     import torch.nn.functional as F
 
     import geomlab.kernels as K
-    from geomlab.kernels import reference
 
     g = torch.Generator(device="cpu").manual_seed(0)
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,7 +45,7 @@ class PhaseContext:
     kernel_backend: str = "auto"
 
 
-class Strategy:
+class Strategy(abc.ABC):
     name: str = ""
     needs_previous_model: bool = False  # True: the trainer snapshots the phase-start model for it
 
@@ -54,5 +56,6 @@ class Strategy:
     def train_data(cls, stream: Stream, phase: int) -> Dataset:
         return stream.phases[phase].train
 
+    @abc.abstractmethod
     def loss(self, images: torch.Tensor, tokens: torch.Tensor, feats: Features) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+        """(total loss, named parts to log) of one batch; `feats` hold the current model's features."""
