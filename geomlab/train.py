@@ -346,6 +346,9 @@ def main(argv=None) -> int:
         run = RunDir(Path(args.out) if args.out else Path("runs") / config["run"]["name"])
         dist = init_distributed(config["run"]["device"] if config["run"]["device"] != "auto"
                                 else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if config["train"]["batch_size"] % dist.world:
+            raise ConfigError(f"train.batch_size ({config['train']['batch_size']}) must be a multiple of "
+                              f"the number of processes ({dist.world})")
         run.check(config, dumps(config), resume=args.resume)  # every rank, before any rank writes
         torch.manual_seed(config["run"]["seed"])
         trainer = Trainer(config, run, dist)  # builds the model and the data stream; writes nothing
