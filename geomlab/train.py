@@ -289,6 +289,8 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.load_state_dict(state["scaler"])
             start = state["step"]
+        # Lines logged after the state we start from (a crash) are dropped: they will be logged again.
+        if self.dist.main:
             self.run.truncate_metrics(where, phase, start)
         every = t["checkpoint_every"]
         salt = phase * 131 + sum(map(ord, where))

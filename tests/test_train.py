@@ -156,3 +156,20 @@ def test_torchrun_two_ranks_follows_the_single_process_run(tmp_path):
     moved = max((a[k].float() - base[k].float()).abs().max().item() for k in keys)
     apart = max((a[k].float() - b[k].float()).abs().max().item() for k in keys)
     assert moved > 1e-3 and apart < 1e-4, (apart, moved)
+
+
+def test_metrics_logged_after_the_resume_point_are_dropped(tmp_path):
+    """A crash after some train lines but before the next state: those lines are logged again on
+    resume, so they must go, including a torn last line and lines of a phase not yet checkpointed."""
+    from geomlab.rundir import RunDir
+    run = RunDir(tmp_path)
+    d = run.strategy_dir("modx")
+    rows = [{"kind": "train", "phase": 1, "step": s} for s in (1, 2, 3, 4)] + \
+           [{"kind": "train", "phase": 2, "step": s} for s in (1, 2)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tr')
+    run.truncate_metrics("modx", 2, 0)
+    kept = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in kept] == [(1, 1), (1, 2), (1, 3), (1, 4)]
+    run.truncate_metrics("modx", 1, 2)
+    kept = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in kept] == [(1, 1), (1, 2)]
