@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-# The submodule `similarity` (tiled torch + Triton similarity/top-k/ranks) is imported here, before
-# the public function of the same name below rebinds the package attribute `similarity` to the
-# function; reach the module as sys.modules["geomlab.kernels.similarity"] (or geomlab.kernels._sim).
-from . import similarity as _sim  # noqa: E402  (keep before `def similarity`)
+from . import ranking, reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -23,15 +19,10 @@ def _resolve(backend: str, *tensors: torch.Tensor) -> str:
     return backend
 
 
-def _impl(backend: str, *tensors):
-    """The loss implementation module of `backend` (see _loss_impl)."""
-    return _loss_impl(backend, *tensors)
-
-
 def _sim_fn(backend: str, name: str, tensor):
     """similarity/topk/retrieval_ranks of `backend`: auto = triton on CUDA, torch on CPU."""
     which = _resolve(backend, tensor)
-    return getattr(reference, name) if which == "reference" else getattr(_sim, f"{name}_{which}")
+    return getattr(reference, name) if which == "reference" else getattr(ranking, f"{name}_{which}")
 
 
 def similarity(a, b, *, backend="auto"):
