@@ -220,8 +220,10 @@ def _run_blocks(fn, blocks, workers: int):
         torch.set_num_threads(saved)
 
 
-def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Tensor):
-    """Streamed top-k of the query rows qb against every gallery tile."""
+def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Tensor,
+               buf16: torch.Tensor | None = None):
+    """Streamed top-k of the query rows qb against every gallery tile. With bf16 qb and g, each
+    tile's GEMM runs in bf16 into `buf16` and is widened into `buf` (fp32 selection is faster)."""
     m, ng, dev = qb.shape[0], g.shape[0], qb.device
     # running lists [m, w ≤ k], sorted (score desc, index asc); candidates wait in `pending`
     # and are merged in batches, so most tiles cost one GEMM and one pruning pass.
@@ -231,7 +233,10 @@ def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Te
     for g0 in range(0, ng, bg):
         g1 = min(ng, g0 + bg)
         n = g1 - g0
-        s = torch.mm(qb, g[g0:g1].T, out=_tile(buf, m, n))
+        if buf16 is None:
+            s = torch.mm(qb, g[g0:g1].T, out=_tile(buf, m, n))
+        else:
+            s = _tile(buf, m, n).copy_(torch.mm(qb, g[g0:g1].T, out=_tile(buf16, m, n)))
         w = run_v.shape[1]
         if w < k:  # warm-up: the lists are not full yet
             if pending:
@@ -249,6 +254,7 @@ def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Te
                     kth = torch.topk(segmax, need, dim=1, sorted=False).values.amin(1, keepdim=True)
                 else:
                     kth = torch.topk(s, need, dim=1, sorted=False).values.amin(1, keepdim=True)
+                kth = kth.float()  # (bf16 tiles in the approximate pass of topk_torch)
                 thr = torch.nextafter(kth, torch.full_like(kth, float("-inf")))
                 if w:
                     thr = torch.minimum(thr, run_v[:, -1:])
@@ -267,31 +273,95 @@ def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Te
     return run_v, run_i
 
 
+#: extra candidates per query kept by the bf16 pass of `topk_torch` (then rescored exactly).
+APPROX_EXTRA = 32
+#: gallery size from which `topk_torch` takes the bf16 pass by itself (where bf16 GEMMs are fast).
+APPROX_MIN_GALLERY = 16384
+
+
+def _fast_bf16_gemm(device) -> bool:
+    """True on CPUs with bf16 dot-product instructions (AVX512-BF16 / AMX), where a bf16 GEMM with
+    fp32 accumulation runs about twice as fast as an fp32 one."""
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(1 << 16)
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _bf16_error_bound(d: int) -> float:
+    """Bound on |approx − q·g| / (‖q‖ ‖g‖) of a bf16 GEMM score: input roundings (2u + u²),
+    fp32 accumulation (d·2⁻²⁴) and the bf16 output rounding (u), u = 2⁻⁹; doubled for margin."""
+    u = 2.0 ** -9
+    return 2 * (3 * u + u * u + d * 2.0 ** -23)
+
+
+def _rescore(q: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, k: int, chunk: int = 512):
+    """Exact fp32 scores of the candidates idx [m, c], sorted (score desc, index asc): top k."""
+    idx = idx.sort(dim=1).values  # ascending index first: the stable sort below then breaks ties by index
+    scores = torch.empty(idx.shape, device=q.device)
+    for r0 in range(0, q.shape[0], chunk):
+        r1 = min(q.shape[0], r0 + chunk)
+        scores[r0:r1] = torch.bmm(g[idx[r0:r1]], q[r0:r1].unsqueeze(2)).squeeze(2)
+    v, order = scores.sort(dim=1, descending=True, stable=True)
+    return v[:, :k], torch.gather(idx, 1, order[:, :k])
+
+
 def topk_torch(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, block_q: int | None = None,
-               block_g: int | None = None):
+               block_g: int | None = None, approx: bool | None = None):
     """(values [Nq, k] fp32, indices [Nq, k] int64) of the k highest scores q·g per query, streamed
     over gallery tiles: per tile one GEMM into a reusable buffer, then only the entries above the
     running k-th value of their row are selected (threshold pruning) and merged. Never more than
-    one block_q × block_g tile of scores per worker thread exists."""
+    one block_q × block_g tile of scores per worker thread exists.
+
+    `approx` (default: fp32 inputs, a large gallery and a CPU with fast bf16 GEMMs) first finds
+    k + APPROX_EXTRA candidates per query with bf16 GEMMs, then rescores them in fp32. The result
+    is still exact: a query is accepted only if its exact k-th score beats the last candidate's
+    bf16 score by more than the bf16 error bound (so no other item can reach it); the few queries
+    that fail this test are recomputed with the fp32 pass."""
     _check_pair(queries, gallery)
     nq, ng = queries.shape[0], gallery.shape[0]
     if not 0 < k <= ng:
         raise ValueError(f"k must lie in [1, {ng}] (gallery size), got {k}")
     dev = queries.device
+    if approx is None:
+        approx = (queries.dtype == gallery.dtype == torch.float32 and ng >= APPROX_MIN_GALLERY
+                  and _fast_bf16_gemm(dev))
+    approx = approx and k + APPROX_EXTRA < ng
     bq0 = min(block_q or TOPK_BLOCK_Q, max(nq, 1))
     workers = _cpu_workers(dev, nq // 256)  # ≥ 256 query rows per worker
     bq = _block_size(nq, bq0, workers)
     bg = min(block_g or TOPK_BLOCK_G, ng)
     q, g = _as_f32(queries), _as_f32(gallery)
+    if approx:
+        qa, ga = q.bfloat16(), g.bfloat16()
+        bound = _bf16_error_bound(q.shape[1]) * q.norm(dim=1) * g.norm(dim=1).max()
     out_v = torch.empty(nq, k, device=dev)
     out_i = torch.empty(nq, k, dtype=torch.long, device=dev)
     local = __import__("threading").local()
 
-    def block(q0):
+    def exact(q0, q1):
         if not hasattr(local, "buf"):
             local.buf = torch.empty(bq * bg, device=dev)
+        return _topk_rows(q[q0:q1], g, k, bg, local.buf)
+
+    def block(q0):
         q1 = min(nq, q0 + bq)
-        out_v[q0:q1], out_i[q0:q1] = _topk_rows(q[q0:q1], g, k, bg, local.buf)
+        if not approx:
+            out_v[q0:q1], out_i[q0:q1] = exact(q0, q1)
+            return
+        if not hasattr(local, "buf16"):
+            local.buf = torch.empty(bq * bg, device=dev)
+            local.buf16 = torch.empty(bq * bg, device=dev, dtype=torch.bfloat16)
+        cand_v, cand_i = _topk_rows(qa[q0:q1], ga, k + APPROX_EXTRA, bg, local.buf, local.buf16)
+        v, i = _rescore(q[q0:q1], g, cand_i, k)
+        bad = (v[:, -1] <= cand_v[:, -1] + bound[q0:q1]).nonzero().squeeze(1)
+        for r in bad.tolist():  # rare: recompute exactly
+            v[r], i[r] = exact(q0 + r, q0 + r + 1)
+        out_v[q0:q1], out_i[q0:q1] = v, i
 
     _run_blocks(block, range(0, nq, bq), workers)
     return out_v, out_i

@@ -160,3 +160,28 @@ def test_bench_quick(tmp_path):
     assert {"topk", "ranks"} <= ops
     ok = [r for r in data["rows"] if r.get("ms") is not None]
     assert ok and all(r["ms"] > 0 for r in ok)
+
+
+@pytest.mark.parametrize("data", ["random", "exact_ties", "near_duplicates"])
+def test_topk_bf16_candidate_pass_is_exact(data):
+    """The bf16 pass of topk_torch (candidates from bf16 GEMMs, rescored in fp32, unsafe rows
+    recomputed) returns the fp32 pass's top-k: same values, and the same indices wherever scores
+    are not tied to within fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    if data == "exact_ties":  # entries in {-2..2}/8: every score is exact in bf16 and fp32 alike
+        q = torch.randint(-2, 3, (300, 24), generator=g).float() / 8
+        gal = torch.randint(-2, 3, (700, 24), generator=g).float() / 8
+    else:
+        q = torch.nn.functional.normalize(torch.randn(300, 40, generator=g), dim=1)
+        gal = torch.nn.functional.normalize(torch.randn(700, 40, generator=g), dim=1)
+        if data == "near_duplicates":  # scores closer than the bf16 error: forces the exact fallback
+            gal[:200] = torch.nn.functional.normalize(gal[0] + 1e-3 * torch.randn(200, 40, generator=g), dim=1)
+            q[:40] = torch.nn.functional.normalize(gal[0] + 1e-3 * torch.randn(40, 40, generator=g), dim=1)
+    v1, i1 = SIM.topk_torch(q, gal, 7, approx=True, block_g=256)
+    v0, i0 = SIM.topk_torch(q, gal, 7, approx=False, block_g=256)
+    torch.testing.assert_close(v1, v0, rtol=0, atol=1e-6)
+    if data != "near_duplicates":
+        assert torch.equal(i1, i0)
+    # every returned index really has the returned score
+    exact = (q.unsqueeze(1) * gal[i1]).sum(-1)
+    torch.testing.assert_close(exact, v1, rtol=0, atol=1e-6)

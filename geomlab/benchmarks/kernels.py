@@ -12,12 +12,14 @@ How it measures. Every (op, B, d) group runs in a fresh worker process (so one c
 inherit another's cached memory, and an out-of-memory kill loses one group only).
 * CUDA: CUDA events for time; torch.cuda.max_memory_allocated() − memory_allocated() before the
   call (after reset_peak_memory_stats) for peak memory beyond the inputs.
-* CPU: wall time (time.perf_counter). Peak memory = the process's resident-set high-water mark
-  (VmHWM, reset through /proc/self/clear_refs before the call) minus the resident set before the
-  call. The worker runs with MALLOC_MMAP_THRESHOLD_=65536, so glibc serves every buffer above
-  64 KiB with its own mmap and returns it on free: the high-water mark then follows the live
-  allocations of the call (torch's CPU allocator does not cache), not memory left over from
-  earlier calls. It counts everything the call touches (torch, faiss, Python objects).
+* CPU: wall time (time.perf_counter), from a worker with the default allocator. Peak memory, from
+  a second worker: the process's resident-set high-water mark (VmHWM, reset through
+  /proc/self/clear_refs before the call) minus the resident set before the call. That worker runs
+  with MALLOC_MMAP_THRESHOLD_=65536, so glibc serves every buffer above 64 KiB with its own mmap
+  and returns it on free: the high-water mark then follows the live allocations of the call
+  (torch's CPU allocator does not cache), not memory left over from earlier calls. It counts
+  everything the call touches (torch, faiss, Python objects). Its times are not used: mapping and
+  unmapping every buffer slows allocation-heavy code unevenly.
 Times are the median over repeats (repeats only while a call takes < 1 s; torch.compile is
 warmed up first and its compile time is not counted). Dense baselines are skipped when their
 estimated memory would not fit (CPU: 16 GiB; CUDA: 80% of the device); on the CPU, cases whose
@@ -362,7 +364,10 @@ def run(args) -> int:
     device = _device(args.device)
     groups, skipped = _plan(args, device)
     rows = []
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    # CPU: one worker for time (default allocator), one for memory (see the module docstring)
+    envs = [dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")]
+    if device == "cpu":
+        envs.insert(0, dict(os.environ))
     # one worker process per group; --quick runs every group in a single worker (start-up time)
     batches = [groups] if args.quick else [[g] for g in groups]
     for batch in batches:
@@ -372,18 +377,26 @@ def run(args) -> int:
             print(f"# {spec['case']}: B={spec['B']} d={spec['d']} ({', '.join(spec['impls'])})",
                   file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "geomlab.benchmarks.kernels", "--worker", json.dumps(batch)]
-        got = {}
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-            for line in proc.stdout.splitlines():
-                if line.startswith("{"):
-                    r = json.loads(line)
-                    got[(r["case"], r["impl"])] = r
-            err = None if proc.returncode == 0 else f"worker exited with {proc.returncode}"
-            if err and proc.stderr:
-                err += ": " + proc.stderr.strip().splitlines()[-1][:120]
-        except subprocess.TimeoutExpired:
-            err = f"timeout after {args.timeout:.0f} s"
+        got, err = {}, None
+        for n, env in enumerate(envs):
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+                for line in proc.stdout.splitlines():
+                    if line.startswith("{"):
+                        r = json.loads(line)
+                        key = (r["case"], r["impl"])
+                        if n == 0 or key not in got:
+                            got[key] = r
+                        elif "peak_MiB" in r:  # the memory worker (CPU): its peak (and memory
+                            got[key]["peak_MiB"] = r["peak_MiB"]  # verdict), the first one's time
+                            if "note" in r:
+                                got[key]["note"] = r["note"]
+                if proc.returncode:
+                    err = f"worker exited with {proc.returncode}"
+                    if proc.stderr:
+                        err += ": " + proc.stderr.strip().splitlines()[-1][:120]
+            except subprocess.TimeoutExpired:
+                err = f"timeout after {args.timeout:.0f} s"
         for spec in batch:
             for impl in spec["impls"]:
                 rows.append(got.get((spec["case"], impl))
