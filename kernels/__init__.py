@@ -38,9 +38,9 @@ def _loss_impl(backend: str, *tensors):
         return reference
     if name == "torch":
         from . import _tiles
-        return _tiles
+        return _tiles.TORCH
     from . import modx  # triton: imported lazily, it needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)
-    return modx
+    return modx.TRITON
 
 
 def clip_loss(image, text, logit_scale, *, backend="auto", image_all=None, text_all=None, row_offset=0):

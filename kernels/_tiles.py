@@ -488,33 +488,36 @@ def loss_parts(direction, image, text, image_old, text_old, logit_scale, *, want
 
 
 # ---------------------------------------------------------------------------------------------
-# torch backend entry points (the same signatures as kernels.reference)
+# backend entry points (the same signatures as kernels.reference)
 
 
-def clip_loss(image, text, logit_scale, *, image_all=None, text_all=None, row_offset=0):
-    clip, *_ = loss_parts(direction_torch, image, text, None, None, logit_scale, want_ce=True, fused=fused_torch,
-                          want_kl=False, image_all=image_all, text_all=text_all, row_offset=row_offset)
-    return clip
+class Losses:
+    """clip_loss, modx_kl_parts, modx_kl and modx_loss_parts of one backend, over its `direction`
+    function (and `clip_direction` for the CLIP loss alone): `TORCH` below, `TRITON` in modx.py."""
+
+    def __init__(self, direction, clip_direction=None, fused=None):
+        self.direction, self.clip_direction, self.fused = direction, clip_direction or direction, fused
+
+    def clip_loss(self, image, text, logit_scale, *, image_all=None, text_all=None, row_offset=0):
+        clip, *_ = loss_parts(self.clip_direction, image, text, None, None, logit_scale, want_ce=True,
+                              want_kl=False, image_all=image_all, text_all=text_all, row_offset=row_offset,
+                              fused=self.fused)
+        return clip
+
+    def modx_kl_parts(self, image, text, image_old, text_old, **options):
+        """(kl_i2t, kl_t2i, kept_i2t, kept_t2i)."""
+        _, kl_i, kl_t, k_i, k_t = loss_parts(self.direction, image, text, image_old, text_old, None,
+                                             want_ce=False, want_kl=True, fused=self.fused, **options)
+        return kl_i, kl_t, k_i, k_t
+
+    def modx_kl(self, image, text, image_old, text_old, **options):
+        kl_i, kl_t, _, _ = self.modx_kl_parts(image, text, image_old, text_old, **options)
+        return 0.5 * (kl_i + kl_t)
+
+    def modx_loss_parts(self, image, text, image_old, text_old, logit_scale, **options):
+        """(clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i), CE and KL from the same tiles."""
+        return loss_parts(self.direction, image, text, image_old, text_old, logit_scale, want_ce=True,
+                          want_kl=True, fused=self.fused, **options)
 
 
-def modx_kl_parts(image, text, image_old, text_old, *, temperature=1.0, reduction="sum",
-                  off_diagonal_only=False, **dp):
-    _, kl_i, kl_t, k_i, k_t = loss_parts(
-        direction_torch, image, text, image_old, text_old, None, want_ce=False, fused=fused_torch, want_kl=True,
-        temperature=temperature, reduction=reduction, off_diagonal_only=off_diagonal_only, **dp)
-    return kl_i, kl_t, k_i, k_t
-
-
-def modx_kl(image, text, image_old, text_old, *, temperature=1.0, reduction="sum",
-            off_diagonal_only=False, **dp):
-    kl_i, kl_t, _, _ = modx_kl_parts(image, text, image_old, text_old, temperature=temperature,
-                                     reduction=reduction, off_diagonal_only=off_diagonal_only, **dp)
-    return 0.5 * (kl_i + kl_t)
-
-
-def modx_loss_parts(image, text, image_old, text_old, logit_scale, *, temperature=1.0,
-                    reduction="sum", off_diagonal_only=False, **dp):
-    """(clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i), CE and KL fused in one pass per direction."""
-    return loss_parts(direction_torch, image, text, image_old, text_old, logit_scale, want_ce=True, fused=fused_torch,
-                      want_kl=True, temperature=temperature, reduction=reduction,
-                      off_diagonal_only=off_diagonal_only, **dp)
+TORCH = Losses(direction_torch, fused=fused_torch)

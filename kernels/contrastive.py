@@ -347,9 +347,3 @@ def direction_clip(x, y, xo, yo, scale, row_offset, temperature, off_diag, want_
     return ClipLossFunction.apply(x, y, x, y, _scale_tensor(scale, x), int(row_offset), 1.0, False,
                                   True, False)
 
-
-def clip_loss(image, text, logit_scale, *, image_all=None, text_all=None, row_offset=0):
-    from ._tiles import loss_parts
-    clip, *_ = loss_parts(direction_clip, image, text, None, None, logit_scale, want_ce=True,
-                          want_kl=False, image_all=image_all, text_all=text_all, row_offset=row_offset)
-    return clip

@@ -288,7 +288,7 @@ def test_torch_backend_under_autocast_and_auto_dispatch():
     image, text, image_old, text_old = (t.float() for t in make(b=20, d=16, seed=2))
     s = torch.tensor(6.0)
     want, _ = kernels.modx_loss(image, text, image_old, text_old, s, backend="reference")
-    assert kernels._loss_impl("auto", image) is _tiles  # auto = torch on the CPU
+    assert kernels._loss_impl("auto", image) is _tiles.TORCH  # auto = torch on the CPU
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = kernels.modx_loss(image, text, image_old, text_old, s)
     assert got.dtype == torch.float32
