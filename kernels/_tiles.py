@@ -55,6 +55,34 @@ def _no_autocast(fn):
     return wrapped
 
 
+def _kl_rows(S, So, mrow, ridx, dcol, inv_tau, off_diag, scratch, diff):
+    """One tile of rows: (LSE of S/τ, LSE of S'/τ, masked KL(P'‖P)) per row.
+
+    S and So (the current and old similarities) are scaled by 1/τ and, with off_diag, get −inf on
+    the diagonal, in place; `diff` receives x' − x (0 on a masked diagonal), `scratch` is a buffer
+    of the tile's shape. `diff` may be So itself when the caller no longer needs it."""
+    if inv_tau != 1.0:
+        S.mul_(inv_tau)
+        So.mul_(inv_tau)
+    if off_diag:
+        S[ridx, dcol] = -math.inf
+        So[ridx, dcol] = -math.inf
+    m = S.amax(1, keepdim=True)
+    z = torch.sub(S, m, out=scratch).exp_().sum(1)
+    lse = m.squeeze(1) + z.log()
+    mo = So.amax(1, keepdim=True)
+    Po = torch.sub(So, mo, out=scratch).exp_()
+    zo = Po.sum(1)
+    lse_o = mo.squeeze(1) + zo.log()
+    dlse = (m - mo).squeeze(1) + torch.log(z / zo)  # LSE(x) − LSE(x'), well conditioned
+    Po.div_(zo.unsqueeze(1))
+    D = torch.sub(So, S, out=diff)  # x' − x (nan on a −inf diagonal, where P' = 0)
+    if off_diag:
+        D[ridx, dcol] = 0.0
+    cross = Po.mul_(D).sum(1)
+    return lse, lse_o, torch.where(mrow, cross + dlse, torch.zeros_like(cross))
+
+
 class _RowLossTorch(torch.autograd.Function):
     """(Σ ce_i, Σ kl_i, kept) of one direction; see the module docstring."""
 
@@ -92,28 +120,9 @@ class _RowLossTorch(torch.autograd.Function):
                 So = torch.matmul(xo[r0:r1].float(), yof.T, out=buf_b[:n])
                 mrow = So.argmax(1) == dcol
                 mask[r0:r1] = mrow
-                if inv_tau != 1.0:
-                    S.mul_(inv_tau)
-                    So.mul_(inv_tau)
-                if off_diag:
-                    S[ridx, dcol] = -math.inf
-                    So[ridx, dcol] = -math.inf
-                m = S.amax(1, keepdim=True)
-                z = torch.sub(S, m, out=buf_c[:n]).exp_().sum(1)
-                lse_r = m.squeeze(1) + z.log()
-                mo = So.amax(1, keepdim=True)
-                Po = torch.sub(So, mo, out=buf_c[:n]).exp_()
-                zo = Po.sum(1)
-                lse_or = mo.squeeze(1) + zo.log()
-                dlse = (m - mo).squeeze(1) + torch.log(z / zo)  # LSE(x) − LSE(x'), well conditioned
-                Po.div_(zo.unsqueeze(1))
-                D = So.sub_(S)  # x' − x (nan on a −inf diagonal, where P' = 0)
-                if off_diag:
-                    D[ridx, dcol] = 0.0
-                cross = Po.mul_(D).sum(1)
-                lse[r0:r1] = lse_r
-                lse_o[r0:r1] = lse_or
-                kl[r0:r1] = torch.where(mrow, cross + dlse, torch.zeros_like(cross))
+                # So is not needed after this tile: x' − x overwrites it
+                lse[r0:r1], lse_o[r0:r1], kl[r0:r1] = _kl_rows(S, So, mrow, ridx, dcol, inv_tau, off_diag,
+                                                               buf_c[:n], diff=So)
         ctx.save_for_backward(x, y, xo, yo, scale if torch.is_tensor(scale) else None,
                               lse_ce, lse, lse_o, mask)
         ctx.cfg = (row_offset, inv_tau, off_diag, want_ce, want_kl, R, s)
@@ -249,28 +258,10 @@ class _FusedTorch(torch.autograd.Function):
                 better = v > am_val
                 am_idx = torch.where(better, i + r0, am_idx)
                 am_val = torch.maximum(am_val, v)
-                if inv_tau != 1.0:
-                    S.mul_(inv_tau)
-                    So.mul_(inv_tau)
-                if off_diag:
-                    S[ridx, dcol] = -math.inf
-                    So[ridx, dcol] = -math.inf
-                # rows
-                m = S.amax(1, keepdim=True)
-                z = torch.sub(S, m, out=C[:n]).exp_().sum(1)
-                lr = m.squeeze(1) + z.log()
-                mo = So.amax(1, keepdim=True)
-                Po = torch.sub(So, mo, out=C[:n]).exp_()
-                zo = Po.sum(1)
-                lor = mo.squeeze(1) + zo.log()
-                dlse = (m - mo).squeeze(1) + torch.log(z / zo)
-                Po.div_(zo.unsqueeze(1))
-                Dx = torch.sub(So, S, out=D[:n])  # x' − x; 0 on a masked diagonal
-                if off_diag:
-                    Dx[ridx, dcol] = 0.0
-                cross = torch.mul(Po, Dx, out=C[:n]).sum(1)
-                lse_r[r0:r1], lse_or[r0:r1] = lr, lor
-                kl_r[r0:r1] = torch.where(mrow, cross + dlse, torch.zeros_like(cross))
+                # rows; So and x' − x (in D) are still needed for the columns
+                Dx = D[:n]
+                lse_r[r0:r1], lse_or[r0:r1], kl_r[r0:r1] = _kl_rows(S, So, mrow, ridx, dcol, inv_tau,
+                                                                    off_diag, C[:n], diff=Dx)
                 # columns (online)
                 _col_update(S, cm, cz, C[:n])
                 _col_update(So, cmo, czo, C[:n], extra=Dx, c=cc)
