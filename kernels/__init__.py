@@ -1,74 +1,105 @@
-"""geomlab.kernels: similarity, CLIP loss and Mod-X loss without B×B matrices (SPEC §6).
+"""geomlab.kernels: similarity, CLIP loss and Mod-X loss without B×B matrices (docs/definitions.md,
+"Kernels").
 
-Each public function takes backend = "auto" | "triton" | "torch" | "reference".
+Each public function takes backend = "auto" | "triton" | "torch" | "reference": `auto` is triton
+for CUDA tensors (torch for float64 ones, which triton does not take) and torch otherwise. One
+module per op family and backend: losses*.py (CLIP and Mod-X), ranking*.py (similarity, top-k,
+retrieval ranks), reference.py (the dense formulas), _triton.py (what the Triton kernels share).
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
-from . import ranking, reference
+from . import losses_torch, ranking_torch, reference
+from .losses import MODX_ALPHA, REDUCTIONS, ModxOptions
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+__all__ = ["clip_loss", "modx_kl", "modx_loss", "similarity", "topk", "retrieval_ranks",
+           "ModxOptions", "MODX_ALPHA", "REDUCTIONS", "BACKENDS"]
 
 
-def _resolve(backend: str, *tensors: torch.Tensor) -> str:
+class Backend(NamedTuple):
+    """The functions behind one backend name, with the same signatures in every backend (those of
+    kernels.reference, data-parallel keywords included)."""
+
+    similarity: Callable
+    topk: Callable
+    retrieval_ranks: Callable
+    clip_loss: Callable
+    modx_kl_parts: Callable
+    modx_loss_parts: Callable
+
+
+def _reference() -> Backend:
+    return Backend(reference.similarity, reference.topk, reference.retrieval_ranks, reference.clip_loss,
+                   reference.modx_kl_parts, reference.modx_loss_parts)
+
+
+def _torch() -> Backend:
+    losses = losses_torch.LOSSES
+    return Backend(ranking_torch.similarity, ranking_torch.topk, ranking_torch.retrieval_ranks,
+                   losses.clip_loss, losses.modx_kl_parts, losses.modx_loss_parts)
+
+
+def _triton() -> Backend:
+    # imported on first use: triton is slow to import, and its kernels run only on CUDA tensors
+    # (or on the CPU with TRITON_INTERPRET=1 set before this import)
+    from . import losses_triton, ranking_triton
+
+    losses = losses_triton.LOSSES
+    return Backend(ranking_triton.similarity, ranking_triton.topk, ranking_triton.retrieval_ranks,
+                   losses.clip_loss, losses.modx_kl_parts, losses.modx_loss_parts)
+
+
+#: backend name → the functions behind it ("auto" resolves to one of these).
+IMPLEMENTATIONS: dict[str, Callable[[], Backend]] = {"triton": _triton, "torch": _torch, "reference": _reference}
+BACKENDS = ("auto", *IMPLEMENTATIONS)
+
+
+def _backend(backend: str, tensor: torch.Tensor) -> Backend:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "triton" if tensors[0].is_cuda else "torch"
-    return backend
-
-
-def _sim_fn(backend: str, name: str, tensor):
-    """similarity/topk/retrieval_ranks of `backend`: auto = triton on CUDA, torch on CPU."""
-    which = _resolve(backend, tensor)
-    return getattr(reference, name) if which == "reference" else getattr(ranking, f"{name}_{which}")
+        backend = "triton" if tensor.is_cuda and tensor.dtype != torch.float64 else "torch"
+    return IMPLEMENTATIONS[backend]()
 
 
 def similarity(a, b, *, backend="auto"):
     """The fp32 cosine-similarity matrix a·bᵀ [N_a, N_b] (materialised: the caller asked for it)."""
-    return _sim_fn(backend, "similarity", a)(a, b)
-
-
-def _loss_impl(backend: str, *tensors):
-    """The module implementing the losses for `backend`: every one exposes clip_loss, modx_kl,
-    modx_kl_parts and modx_loss_parts with the same signatures (data-parallel keywords included)."""
-    name = _resolve(backend, *tensors)
-    if name == "reference":
-        return reference
-    if name == "torch":
-        from . import _tiles
-        return _tiles.TORCH
-    from . import modx  # triton: imported lazily, it needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)
-    return modx.TRITON
+    return _backend(backend, a).similarity(a, b)
 
 
 def clip_loss(image, text, logit_scale, *, backend="auto", image_all=None, text_all=None, row_offset=0):
     """½ [CE(s·I Tᵀ) + CE(s·T Iᵀ)], open_clip's ClipLoss. Data-parallel: local rows `image`/`text`
     (rows row_offset.. of the full batch) against the gathered `image_all`/`text_all`, normalised so
-    that the per-rank losses (and their gradients) sum to the full-batch loss."""
-    return _loss_impl(backend, image).clip_loss(image, text, logit_scale, image_all=image_all,
-                                                text_all=text_all, row_offset=row_offset)
+    that the per-rank losses (and their gradients) sum to the full-batch loss. float64 inputs give
+    a float64 loss, all others an fp32 one."""
+    return _backend(backend, image).clip_loss(image, text, logit_scale, image_all=image_all,
+                                              text_all=text_all, row_offset=row_offset)
 
 
-def modx_kl(image, text, image_old, text_old, *, temperature=1.0, reduction="sum",
-            off_diagonal_only=False, backend="auto", image_all=None, text_all=None,
-            image_old_all=None, text_old_all=None, row_offset=0):
-    """½ (KL_i2t + KL_t2i) of SPEC §5.1 (data-parallel keywords as for clip_loss)."""
-    return _loss_impl(backend, image).modx_kl(
-        image, text, image_old, text_old, temperature=temperature, reduction=reduction,
-        off_diagonal_only=off_diagonal_only, image_all=image_all, text_all=text_all,
+def modx_kl(image, text, image_old, text_old, *, temperature=ModxOptions.temperature,
+            reduction=ModxOptions.reduction, off_diagonal_only=ModxOptions.off_diagonal_only,
+            backend="auto", image_all=None, text_all=None, image_old_all=None, text_old_all=None,
+            row_offset=0):
+    """½ (KL_i2t + KL_t2i) of the Mod-X loss (data-parallel keywords as for clip_loss)."""
+    options = ModxOptions(temperature=temperature, reduction=reduction, off_diagonal_only=off_diagonal_only)
+    kl_i2t, kl_t2i, _, _ = _backend(backend, image).modx_kl_parts(
+        image, text, image_old, text_old, options, image_all=image_all, text_all=text_all,
         image_old_all=image_old_all, text_old_all=text_old_all, row_offset=row_offset)
+    return 0.5 * (kl_i2t + kl_t2i)
 
 
-def modx_loss(image, text, image_old, text_old, logit_scale, *, alpha=20.0, temperature=1.0,
-              reduction="sum", off_diagonal_only=False, backend="auto", image_all=None,
+def modx_loss(image, text, image_old, text_old, logit_scale, *, alpha=MODX_ALPHA,
+              temperature=ModxOptions.temperature, reduction=ModxOptions.reduction,
+              off_diagonal_only=ModxOptions.off_diagonal_only, backend="auto", image_all=None,
               text_all=None, image_old_all=None, text_old_all=None, row_offset=0):
     """(total, parts): total = clip + alpha·½(kl_i2t + kl_t2i); parts = clip, kl_i2t, kl_t2i,
     kept_i2t, kept_t2i (kept counts are local rows under data parallelism)."""
-    clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i = _loss_impl(backend, image).modx_loss_parts(
-        image, text, image_old, text_old, logit_scale, temperature=temperature, reduction=reduction,
-        off_diagonal_only=off_diagonal_only, image_all=image_all, text_all=text_all,
+    options = ModxOptions(temperature=temperature, reduction=reduction, off_diagonal_only=off_diagonal_only)
+    clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i = _backend(backend, image).modx_loss_parts(
+        image, text, image_old, text_old, logit_scale, options, image_all=image_all, text_all=text_all,
         image_old_all=image_old_all, text_old_all=text_old_all, row_offset=row_offset)
     total = clip + alpha * 0.5 * (kl_i2t + kl_t2i)
     return total, {"clip": clip, "kl_i2t": kl_i2t, "kl_t2i": kl_t2i,
@@ -78,11 +109,11 @@ def modx_loss(image, text, image_old, text_old, logit_scale, *, alpha=20.0, temp
 def topk(queries, gallery, k, *, backend="auto"):
     """(values [Nq, k] fp32, indices [Nq, k] int64): the k most similar gallery rows per query,
     ordered by (score desc, index asc), streamed over gallery tiles (no Nq×Ng matrix)."""
-    return _sim_fn(backend, "topk", queries)(queries, gallery, k)
+    return _backend(backend, queries).topk(queries, gallery, k)
 
 
 def retrieval_ranks(image, text, caption_image=None, *, backend="auto"):
     """(image→text ranks [N_img], text→image ranks [N_txt]), int64, 0-based, streamed: rank =
     #gallery items scoring higher than the positive + #equal ones with a smaller index. With
     `caption_image` (image row of each caption) an image's rank is its best caption's."""
-    return _sim_fn(backend, "retrieval_ranks", image)(image, text, caption_image)
+    return _backend(backend, image).retrieval_ranks(image, text, caption_image)

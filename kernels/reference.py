@@ -1,25 +1,29 @@
-"""Dense reference formulas (SPEC §5.1, §6): plain torch, B×B matrices materialised.
+"""Dense reference formulas (docs/definitions.md, "CLIP loss", "Mod-X loss", "Retrieval ranks and
+ties"): plain torch, B×B matrices materialised.
 
 These are the ground truth the tiled `torch` and fused `triton` backends are tested against.
-Everything is computed in fp32 (inputs are upcast), whatever the input dtype; float64 inputs stay float64.
+Everything is computed in fp32 (inputs are upcast), except float64 inputs, which stay float64 (so
+the tests can build a float64 ground truth).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .losses import ModxOptions, accumulation_dtype
+
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
-    """Upcast to at least fp32 (float64 stays float64, so the tests can build an fp64 ground truth)."""
-    return x if x.dtype == torch.float64 else x.float()
+    return x.to(accumulation_dtype(x))
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _acc(a) @ _acc(b).T
 
 
-def _dp_args(image, text, image_all, text_all, row_offset, olds=None):
-    """Full-batch defaults for the data-parallel arguments; returns (image_all, text_all, olds, B)."""
+def _global_batch(image, image_all, text_all, row_offset, olds=None):
+    """None for a full-batch call (no data-parallel argument given), else the global batch size B
+    of the gathered `image_all`/`text_all`, once the arguments are checked to agree."""
     if image_all is None and text_all is None and row_offset == 0 and (olds is None or olds == (None, None)):
         return None
     if image_all is None or text_all is None:
@@ -37,7 +41,7 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, image_all
     Data-parallel: `image`/`text` are rows row_offset.. of the full batch, `image_all`/`text_all`
     the gathered full batch; the rows' cross-entropy is summed and divided by the global B, so the
     per-rank losses sum to the full-batch loss."""
-    B = _dp_args(image, text, image_all, text_all, row_offset)
+    B = _global_batch(image, image_all, text_all, row_offset)
     if B is None:
         image_all, text_all, row_offset, B = image, text, 0, image.shape[0]
     labels = torch.arange(image.shape[0], device=image.device) + row_offset
@@ -47,15 +51,14 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, image_all
                   + F.cross_entropy(logits_t, labels, reduction="sum")) / B
 
 
-def _masked_kl_rows(s: torch.Tensor, s_old: torch.Tensor, temperature: float, off_diagonal_only: bool,
-                    row_offset: int = 0):
+def _masked_kl_rows(s: torch.Tensor, s_old: torch.Tensor, options: ModxOptions, row_offset: int = 0):
     """Per-row KL(P' || P) of softmax(s_old/τ) against softmax(s/τ), and the row mask
     argmax_j s_old[i, j] == row_offset + i (first index on ties)."""
     n = s.shape[0]
     idx = torch.arange(n, device=s.device) + row_offset
     mask = s_old.argmax(dim=1) == idx  # torch.argmax returns the first maximal index
-    x, x_old = s / temperature, s_old / temperature
-    if off_diagonal_only:
+    x, x_old = s / options.temperature, s_old / options.temperature
+    if options.off_diagonal_only:
         eye = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
         eye[torch.arange(n, device=s.device), idx] = True
         x = x.masked_fill(eye, float("-inf"))
@@ -75,33 +78,32 @@ def _reduce(kl_rows: torch.Tensor, mask: torch.Tensor, reduction: str, n_rows=No
         return kl_rows.sum()
     if reduction == "mean":
         return kl_rows.sum() / n_rows
-    if reduction == "kept_mean":
-        return kl_rows.sum() / n_kept.clamp(min=1)
-    raise ValueError(f"reduction must be 'sum', 'mean' or 'kept_mean', got {reduction!r}")
+    return kl_rows.sum() / n_kept.clamp(min=1)  # kept_mean
 
 
-def modx_kl_parts(image, text, image_old, text_old, *, temperature=1.0, reduction="sum", off_diagonal_only=False,
-                  image_all=None, text_all=None, image_old_all=None, text_old_all=None, row_offset=0):
-    """(kl_i2t, kl_t2i, kept_i2t, kept_t2i) of SPEC §5.1.
+def modx_kl_parts(image, text, image_old, text_old, options: ModxOptions = ModxOptions(), *, image_all=None,
+                  text_all=None, image_old_all=None, text_old_all=None, row_offset=0):
+    """(kl_i2t, kl_t2i, kept_i2t, kept_t2i) of the Mod-X loss.
 
     Data-parallel: local rows against the gathered columns (`*_all`); `mean` divides by the global
     B and `kept_mean` by the global kept count, so the per-rank values sum to the full-batch value;
     the kept counts returned are local."""
-    B = _dp_args(image, text, image_all, text_all, row_offset, (image_old_all, text_old_all))
+    reduction = options.reduction
+    B = _global_batch(image, image_all, text_all, row_offset, (image_old_all, text_old_all))
     if B is None:
         s = similarity(image, text)
         s_old = similarity(image_old, text_old).detach()
-        kl_i, mask_i = _masked_kl_rows(s, s_old, temperature, off_diagonal_only)
-        kl_t, mask_t = _masked_kl_rows(s.T, s_old.T, temperature, off_diagonal_only)
+        kl_i, mask_i = _masked_kl_rows(s, s_old, options)
+        kl_t, mask_t = _masked_kl_rows(s.T, s_old.T, options)
         return (_reduce(kl_i, mask_i, reduction), _reduce(kl_t, mask_t, reduction),
                 mask_i.sum(), mask_t.sum())
     if image_old_all is None or text_old_all is None:
         raise ValueError("data-parallel modx needs image_old_all and text_old_all")
     image_old_all, text_old_all = image_old_all.detach(), text_old_all.detach()
     kl_i, mask_i = _masked_kl_rows(similarity(image, text_all), similarity(image_old, text_old_all).detach(),
-                                   temperature, off_diagonal_only, row_offset)
+                                   options, row_offset)
     kl_t, mask_t = _masked_kl_rows(similarity(text, image_all), similarity(text_old, image_old_all).detach(),
-                                   temperature, off_diagonal_only, row_offset)
+                                   options, row_offset)
     s_all = similarity(image_old_all, text_old_all)
     ar = torch.arange(B, device=s_all.device)
     n_i, n_t = (s_all.argmax(1) == ar).sum(), (s_all.argmax(0) == ar).sum()
@@ -109,19 +111,11 @@ def modx_kl_parts(image, text, image_old, text_old, *, temperature=1.0, reductio
             mask_i.sum(), mask_t.sum())
 
 
-def modx_kl(image, text, image_old, text_old, *, temperature=1.0, reduction="sum", off_diagonal_only=False, **dp):
-    kl_i, kl_t, _, _ = modx_kl_parts(image, text, image_old, text_old, temperature=temperature,
-                                     reduction=reduction, off_diagonal_only=off_diagonal_only, **dp)
-    return 0.5 * (kl_i + kl_t)
-
-
-def modx_loss_parts(image, text, image_old, text_old, logit_scale, *, temperature=1.0, reduction="sum",
-                    off_diagonal_only=False, **dp):
+def modx_loss_parts(image, text, image_old, text_old, logit_scale, options: ModxOptions = ModxOptions(), **dp):
     """(clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i)."""
     clip = clip_loss(image, text, logit_scale, image_all=dp.get("image_all"), text_all=dp.get("text_all"),
                      row_offset=dp.get("row_offset", 0))
-    return (clip, *modx_kl_parts(image, text, image_old, text_old, temperature=temperature,
-                                 reduction=reduction, off_diagonal_only=off_diagonal_only, **dp))
+    return (clip, *modx_kl_parts(image, text, image_old, text_old, options, **dp))
 
 
 def retrieval_ranks(image, text, caption_image=None):

@@ -1,15 +1,19 @@
-"""Loss kernels (issue 3): clip_loss, modx_kl, modx_loss for the triton (TRITON_INTERPRET=1 on the
-CPU), torch and reference backends, against an fp64 ground truth, an independent dense
-implementation of SPEC §5.1, and open_clip's ClipLoss. Shapes are small (the interpreter is slow)
-and not multiples of the block sizes."""
+"""The loss kernels (kernels/losses.py, losses_torch.py, losses_triton.py and the loss formulas of
+reference.py): clip_loss, modx_kl, modx_loss for the triton (TRITON_INTERPRET=1 on the CPU), torch
+and reference backends, against a float64 ground truth, an independent dense implementation of
+the Mod-X loss (docs/definitions.md, "Mod-X loss"), and open_clip's ClipLoss. Shapes are small
+(the interpreter is slow) and not multiples of the block sizes."""
 from __future__ import annotations
+
+import dataclasses
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from geomlab import kernels
-from geomlab.kernels import _tiles, reference
+from geomlab.kernels import MODX_ALPHA, REDUCTIONS, ModxOptions, losses, reference
 
 B, D = 37, 19  # neither a multiple of the interpreter's 32-blocks nor of anything else
 GRAD_W = (1.0, 3.0, 5.0)  # weights of clip, kl_i2t, kl_t2i in the backpropagated scalar
@@ -32,7 +36,17 @@ def make(b=B, d=D, seed=0, noise=1.0, case="mixed"):
     return image, text, image_old, text_old
 
 
-def run(backend, feats, dtype, scale=7.0, *, parts_only=False, **opts):
+def first_argmax_kept(image_old, text_old):
+    """(kept_i2t, kept_t2i) counted row by row: rows (columns) of S' = I' T'ᵀ whose first maximum
+    is on the diagonal."""
+    s = (image_old.double() @ text_old.double().T).tolist()
+    n = len(s)
+    rows = sum(max(range(n), key=lambda j: (s[i][j], -j)) == i for i in range(n))
+    cols = sum(max(range(n), key=lambda i: (s[i][j], -i)) == j for j in range(n))
+    return rows, cols
+
+
+def run(backend, feats, dtype, scale=7.0, **opts):
     """Forward + backward of clip + 3·kl_i2t + 5·kl_t2i: (values..., grads...) as float64."""
     image, text, image_old, text_old = (t.to(dtype) for t in feats)
     image.requires_grad_(True)
@@ -43,6 +57,9 @@ def run(backend, feats, dtype, scale=7.0, *, parts_only=False, **opts):
     obj = GRAD_W[0] * p["clip"] + GRAD_W[1] * p["kl_i2t"] + GRAD_W[2] * p["kl_t2i"]
     obj.backward()
     vals = [total, p["clip"], p["kl_i2t"], p["kl_t2i"]]
+    want_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # half precision: fp32 results
+    assert all(v.dtype == want_dtype for v in vals), [v.dtype for v in vals]
+    assert image.grad.dtype == text.grad.dtype == dtype
     out = [v.detach().double() for v in vals] + [image.grad.double(), text.grad.double(), s.grad.double()]
     return out, (int(p["kept_i2t"]), int(p["kept_t2i"]))
 
@@ -61,7 +78,7 @@ def check_against_fp64(backend, feats, dtype, **opts):
     truth, kept_truth = run("reference", rounded, torch.float64, **opts)
     dense, _ = run("reference", feats, dtype, **opts)
     got, kept = run(backend, feats, dtype, **opts)
-    assert kept == kept_truth
+    assert kept == kept_truth == first_argmax_kept(*rounded[2:])
     for name, g, d, t in zip(NAMES, got, dense, truth):
         e, e_dense = rel_err(g, t), rel_err(d, t)
         assert e <= 2.0 * e_dense + 2e-6, f"{backend} {dtype} {name}: rel err {e:.3g} vs dense {e_dense:.3g}"
@@ -71,7 +88,7 @@ def check_against_fp64(backend, feats, dtype, **opts):
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
     # several row tiles for the torch backend too (R = 16 rows per tile)
-    monkeypatch.setattr(_tiles, "TILE_ELEMS", 16 * B)
+    monkeypatch.setattr(losses, "TILE_ELEMS", 16 * B)
     return request.param
 
 
@@ -102,8 +119,9 @@ def test_backend_mask_cases(backend, case):
         assert kept == (B, B)
     elif case == "all_masked":
         assert kept == (0, 0)
-    else:
-        assert kept[0] < B and kept[1] < B
+    else:  # rows 5 and 9 copy rows 3 and 8: their first maximum is at the copied index, not theirs
+        kept_truth = first_argmax_kept(*make(case=case)[2:])
+        assert kept == kept_truth and kept_truth[0] < B and kept_truth[1] < B
 
 
 def test_backend_fp16_and_modx_kl_alone(backend):
@@ -121,10 +139,10 @@ def test_backend_fp16_and_modx_kl_alone(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-# --- independent dense implementation of SPEC §5.1 (per-row loops, F.kl_div) ---------------------
+# --- independent dense implementation of the Mod-X loss (per-row loops, F.kl_div) ------------------
 
 
-def spec_modx(image, text, image_old, text_old, s, *, alpha=20.0, temperature=1.0, reduction="sum",
+def spec_modx(image, text, image_old, text_old, s, *, alpha, temperature=1.0, reduction="sum",
               off_diagonal_only=False):
     n = image.shape[0]
     S, So = image @ text.T, image_old @ text_old.T
@@ -151,10 +169,16 @@ def spec_modx(image, text, image_old, text_old, s, *, alpha=20.0, temperature=1.
     return clip + alpha * 0.5 * (kl_i + kl_t), clip, kl_i, kl_t, k_i, k_t
 
 
-@pytest.mark.parametrize("bk", ["reference", "torch"])
+F64_BACKENDS = ["reference", "torch"]  # triton refuses float64: test_triton_refuses_float64
+F64_TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bk", F64_BACKENDS)
 @pytest.mark.parametrize("opts", [dict(), dict(temperature=0.3, reduction="mean"),
                                   dict(temperature=1.5, reduction="kept_mean", off_diagonal_only=True)])
-def test_independent_spec(bk, opts):
+def test_float64_against_independent_formula(bk, opts):
+    """float64 in, float64 out, computed in float64: modx_loss with its parts, modx_kl and clip_loss
+    and their gradients within 1e-12 of the per-row formula."""
     image, text, image_old, text_old = make(b=12, d=9, seed=5, case="ties", noise=0.9)
     res = {}
     for name in ("spec", bk):
@@ -162,28 +186,69 @@ def test_independent_spec(bk, opts):
         s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
         if name == "spec":
             total, clip, kl_i, kl_t, k_i, k_t = spec_modx(i, t, image_old, text_old, s, alpha=3.0, **opts)
+            clip_alone, kl = clip, 0.5 * (kl_i + kl_t)
         else:
             total, p = kernels.modx_loss(i, t, image_old, text_old, s, alpha=3.0, backend=bk, **opts)
             clip, kl_i, kl_t, k_i, k_t = p["clip"], p["kl_i2t"], p["kl_t2i"], int(p["kept_i2t"]), int(p["kept_t2i"])
-        (total + clip + kl_t).backward()
-        res[name] = ([total.detach(), clip.detach(), kl_i.detach(), kl_t.detach(), i.grad, t.grad, s.grad],
-                     (k_i, k_t))
+            clip_alone = kernels.clip_loss(i, t, s, backend=bk)
+            kl = kernels.modx_kl(i, t, image_old, text_old, backend=bk, **opts)
+        values = [total, clip, clip_alone, kl_i, kl_t, kl]
+        (total + clip_alone + kl_t + kl).backward()
+        res[name] = (values + [i.grad, t.grad, s.grad], (k_i, k_t))
     (want, kept_want), (got, kept_got) = res["spec"], res[bk]
     assert kept_got == kept_want and 0 < kept_want[0] < 12
-    tol = 1e-10 if bk == "reference" else 2e-5  # the torch backend computes in fp32
     for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b.detach(), **F64_TOL)
+
+
+@pytest.mark.parametrize("bk", F64_BACKENDS)
+@pytest.mark.parametrize("data_parallel", [False, True])
+@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.7, reduction="kept_mean", off_diagonal_only=True)])
+def test_float64_gradcheck(bk, data_parallel, opts):
+    """Every loss and part against finite differences, full batch and split over two ranks."""
+    image, text, image_old, text_old = make(b=8, d=5, seed=0, noise=0.9)
+    assert first_argmax_kept(image_old, text_old) == (3, 5)  # a mixed mask in both directions
+    splits = ((0, 3), (3, 8)) if data_parallel else ((0, 8),)
+
+    def all_losses(i, t, s):
+        out = []
+        for lo, hi in splits:
+            cols = dict(image_all=i, text_all=t, row_offset=lo) if data_parallel else {}
+            old_cols = dict(image_old_all=image_old, text_old_all=text_old) if data_parallel else {}
+            rows = (i[lo:hi], t[lo:hi], image_old[lo:hi], text_old[lo:hi])
+            total, p = kernels.modx_loss(*rows, s, alpha=3.0, backend=bk, **opts, **cols, **old_cols)
+            kl = kernels.modx_kl(*rows, backend=bk, **opts, **cols, **old_cols)
+            clip = kernels.clip_loss(i[lo:hi], t[lo:hi], s, backend=bk, **cols)
+            out += [total, p["clip"], p["kl_i2t"], p["kl_t2i"], kl, clip]
+        return tuple(out)
+
+    leaves = (image.clone().requires_grad_(), text.clone().requires_grad_(),
+              torch.tensor(3.0, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(all_losses, leaves)
+
+
+def test_triton_refuses_float64():
+    image, text, image_old, text_old = make(b=8, d=4)  # float64
+    s = torch.tensor(2.0, dtype=torch.float64)
+    for call in (lambda: kernels.clip_loss(image, text, s, backend="triton"),
+                 lambda: kernels.modx_kl(image, text, image_old, text_old, backend="triton"),
+                 lambda: kernels.modx_loss(image, text, image_old, text_old, s, backend="triton")):
+        with pytest.raises(TypeError, match=r"torch\.float64.*backend='torch'"):
+            call()
 
 
 # --- clip_loss against open_clip's ClipLoss ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("bk", ["reference", "torch", "triton"])
-def test_clip_loss_matches_open_clip(bk, monkeypatch):
+@pytest.mark.parametrize("bk,dtype", [(bk, torch.float32) for bk in ("reference", "torch", "triton")]
+                         + [(bk, torch.float64) for bk in F64_BACKENDS])
+def test_clip_loss_matches_open_clip(bk, dtype, monkeypatch):
     open_clip = pytest.importorskip("open_clip")
-    monkeypatch.setattr(_tiles, "TILE_ELEMS", 16 * B)
-    image, text, _, _ = (t.float() for t in make(seed=7))
-    param = torch.tensor(2.3, requires_grad=True)  # the model's parameter; exp() is passed, as open_clip does
+    monkeypatch.setattr(losses, "TILE_ELEMS", 16 * B)
+    image, text, _, _ = (t.to(dtype) for t in make(seed=7))
+    # the model's parameter; exp() is passed, as open_clip does
+    param = torch.tensor(2.3, dtype=dtype, requires_grad=True)
     res = []
     for fn in (lambda i, t, s: open_clip.loss.ClipLoss()(i, t, s),
                lambda i, t, s: kernels.clip_loss(i, t, s, backend=bk)):
@@ -192,8 +257,10 @@ def test_clip_loss_matches_open_clip(bk, monkeypatch):
         loss = fn(i, t, param.exp())
         loss.backward()
         res.append([loss.detach(), i.grad, t.grad, param.grad.clone()])
+    tol = F64_TOL if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
     for a, b in zip(res[1], res[0]):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol)
 
 
 # --- data parallel: local rows against gathered columns ----------------------------------------------
@@ -201,7 +268,7 @@ def test_clip_loss_matches_open_clip(bk, monkeypatch):
 
 @pytest.mark.parametrize("bk", ["reference", "torch", "triton"])
 def test_data_parallel_sums_to_full_batch(bk, monkeypatch):
-    monkeypatch.setattr(_tiles, "TILE_ELEMS", 16 * B)
+    monkeypatch.setattr(losses, "TILE_ELEMS", 16 * B)
     image, text, image_old, text_old = (t.float() for t in make(seed=11, case="ties"))
     opts = dict(alpha=3.0, temperature=0.7, reduction="kept_mean", off_diagonal_only=True)
 
@@ -246,7 +313,7 @@ def test_torch_backend_never_builds_a_BxB_tensor(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     n = 96
-    monkeypatch.setattr(_tiles, "TILE_ELEMS", 16 * n)  # tiles of 16 × 96
+    monkeypatch.setattr(losses, "TILE_ELEMS", 16 * n)  # tiles of 16 × 96
 
     class Largest(TorchDispatchMode):
         biggest = 0
@@ -277,18 +344,49 @@ def test_bad_arguments():
     for bk in ("reference", "torch"):
         with pytest.raises(ValueError, match="reduction"):
             kernels.modx_loss(image, text, image_old, text_old, s, reduction="max", backend=bk)
+        with pytest.raises(ValueError, match="temperature"):
+            kernels.modx_kl(image, text, image_old, text_old, temperature=0.0, backend=bk)
         with pytest.raises(ValueError):
             kernels.clip_loss(image, text, s, backend=bk, image_all=image, text_all=text, row_offset=3)
     with pytest.raises(ValueError, match="backend"):
         kernels.clip_loss(image, text, s, backend="cuda")
-    assert reference.clip_loss(image, text, s).shape == ()
+
+
+def test_reference_clip_loss_is_the_mean_cross_entropy():
+    image, text, _, _ = make(b=8, d=4)
+    labels = torch.arange(8)
+    want = 0.5 * (F.cross_entropy(2.0 * image @ text.T, labels) + F.cross_entropy(2.0 * text @ image.T, labels))
+    torch.testing.assert_close(reference.clip_loss(image, text, torch.tensor(2.0)), want, **F64_TOL)
+
+
+def test_modx_options_declared_once():
+    """The Mod-X options and defaults live in ModxOptions / MODX_ALPHA, and the public signatures
+    (unchanged: positional features, keyword-only options) take their defaults from there."""
+    defaults = dataclasses.asdict(ModxOptions())
+    assert defaults == {"temperature": 1.0, "reduction": "sum", "off_diagonal_only": False}
+    assert MODX_ALPHA == 20.0 and REDUCTIONS == ("sum", "mean", "kept_mean")
+    assert str(inspect.signature(kernels.clip_loss)) == (
+        "(image, text, logit_scale, *, backend='auto', image_all=None, text_all=None, row_offset=0)")
+    dp = "image_all=None, text_all=None, image_old_all=None, text_old_all=None, row_offset=0"
+    assert str(inspect.signature(kernels.modx_kl)) == (
+        "(image, text, image_old, text_old, *, temperature=1.0, reduction='sum', off_diagonal_only=False, "
+        f"backend='auto', {dp})")
+    assert str(inspect.signature(kernels.modx_loss)) == (
+        "(image, text, image_old, text_old, logit_scale, *, alpha=20.0, temperature=1.0, reduction='sum', "
+        f"off_diagonal_only=False, backend='auto', {dp})")
+    with pytest.raises(ValueError, match="reduction"):
+        ModxOptions(reduction="max")
+    with pytest.raises(ValueError, match="temperature"):
+        ModxOptions(temperature=-1.0)
 
 
 def test_torch_backend_under_autocast_and_auto_dispatch():
     image, text, image_old, text_old = (t.float() for t in make(b=20, d=16, seed=2))
     s = torch.tensor(6.0)
     want, _ = kernels.modx_loss(image, text, image_old, text_old, s, backend="reference")
-    assert kernels._loss_impl("auto", image) is _tiles.TORCH  # auto = torch on the CPU
+    on_torch, _ = kernels.modx_loss(image, text, image_old, text_old, s, backend="torch")
+    on_auto, _ = kernels.modx_loss(image, text, image_old, text_old, s)
+    assert torch.equal(on_auto, on_torch)  # auto = torch on the CPU
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = kernels.modx_loss(image, text, image_old, text_old, s)
     assert got.dtype == torch.float32
@@ -297,9 +395,13 @@ def test_torch_backend_under_autocast_and_auto_dispatch():
 
 @pytest.mark.parametrize("bk", ["reference", "torch", "triton"])
 def test_single_pair_off_diagonal_is_zero_not_nan(bk):
+    """One pair: the cross-entropy of a single logit and the KL of an empty off-diagonal softmax
+    are 0, and so are their gradients."""
     x = F.normalize(torch.randn(1, 5, generator=torch.Generator().manual_seed(0)), dim=1)
     i, t = x.clone().requires_grad_(), x.clone().requires_grad_()
     total, p = kernels.modx_loss(i, t, x, x, torch.tensor(2.0), off_diagonal_only=True, backend=bk)
     total.backward()
-    assert float(total.detach()) == 0.0 and int(p["kept_i2t"]) == 1
-    assert torch.isfinite(i.grad).all() and torch.isfinite(t.grad).all()
+    assert [float(v.detach()) for v in (total, p["clip"], p["kl_i2t"], p["kl_t2i"])] == [0.0] * 4
+    assert int(p["kept_i2t"]) == int(p["kept_t2i"]) == 1
+    torch.testing.assert_close(i.grad, torch.zeros_like(i), rtol=0, atol=1e-7)
+    torch.testing.assert_close(t.grad, torch.zeros_like(t), rtol=0, atol=1e-7)

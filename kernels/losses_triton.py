@@ -1,6 +1,6 @@
-"""Triton kernels of the row-softmax losses: CLIP's contrastive cross-entropy and its Mod-X KL
-extension (SPEC §5.1, §6), Liger-Kernel style (Triton kernels, plain launchers, one
-torch.autograd.Function per op: `ClipLossFunction` here, `ModxFunction` in modx.py).
+"""Triton kernels of the CLIP and Mod-X losses, Liger-Kernel style: the kernels, their plain
+launchers and one torch.autograd.Function, `RowLossFunction` (docs/definitions.md, "CLIP loss",
+"Mod-X loss"; the direction quantities and the conventions are in losses.py).
 
 One launch handles one *direction*: local rows X (b×d) against columns Y (B×d), the positive of
 row i at column row_offset + i (image→text: X = image, Y = text; text→image: X = text, Y = image).
@@ -12,61 +12,37 @@ statistics, never a B×B buffer:
   mask_i = [first argmax_j S'_ij == i]
 
 with the cross term Σ_j P'_ij (x'_ij − x_ij) accumulated online (rescaled with the running max of
-x'). `off_diagonal_only` drops j = i from both softmaxes. Backward recomputes the tiles:
+x'). `off_diagonal_only` drops j = i from both softmaxes. The CLIP loss alone is the same launch
+with the KL terms switched off. Backward recomputes the tiles:
 dS = g_ce·s·(P_ce − onehot) + g_kl·mask·(P − P')/τ; one kernel accumulates dX = dS·Y per row block
 (and Σ (P_ce − onehot)·S for the logit-scale gradient), another dY = dSᵀ·X per column block.
-Inputs fp32/bf16/fp16; products and accumulation in fp32 (fp32 dots in IEEE precision, no TF32).
+Inputs fp32/bf16/fp16 (float64 is refused: use backend="torch"); products and accumulation in
+fp32 (fp32 dots in IEEE precision, no TF32).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._triton import check_features, configs, dot_tile
+from .losses import ModxOptions, RowLosses, kl_switches
+
 NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a fully masked tile never gives inf − inf
-# The interpreter's tl.dot mishandles bf16/fp16 operands; there the tiles are upcast to fp32 first
-# (the same numbers: a 16-bit product is exact in fp32, and the GPU accumulates in fp32 too).
-UPCAST = tl.constexpr(INTERPRET)
+
+_FWD_CONFIGS = configs(
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32},
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+     for bm, bn, bk, w, st in ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 3),
+                               (128, 128, 32, 8, 2), (64, 64, 64, 4, 2))])
+_BWD_CONFIGS = configs(
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 32},
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "BLOCK_D": bd}, num_warps=w, num_stages=2)
+     for bm, bn, bd, w in ((64, 64, 128, 4), (64, 64, 256, 8), (32, 64, 256, 4),
+                           (64, 32, 128, 4), (128, 64, 128, 8))])
 
 
-def _fwd_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in ((64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 3),
-                                      (128, 128, 32, 8, 2), (64, 64, 64, 4, 2))]
-
-
-def _bwd_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 32})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "BLOCK_D": bd}, num_warps=w,
-                          num_stages=2)
-            for bm, bn, bd, w in ((64, 64, 128, 4), (64, 64, 256, 8), (32, 64, 256, 4),
-                                  (64, 32, 128, 4), (128, 64, 128, 8))]
-
-
-@triton.jit
-def _sim_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """S tile = X[rows] · Y[cols]ᵀ in fp32 (masked rows/columns/features load as 0)."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
-        xa = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        ya = tl.load(Y + cols[:, None] * stride_y + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        if UPCAST:
-            xa = xa.to(tl.float32)
-            ya = ya.to(tl.float32)
-        acc = tl.dot(xa, tl.trans(ya), acc, input_precision="ieee")
-    return acc
-
-
-@triton.autotune(configs=_fwd_configs(), key=["B", "D", "HAS_CE", "HAS_KL"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["B", "D", "HAS_CE", "HAS_KL"])
 @triton.jit
 def _row_loss_fwd(X, Y, XO, YO, SCALE, STATS, b, B, D, stride_x, stride_y, stride_xo, stride_yo,
                   row_offset, inv_tau,
@@ -91,7 +67,8 @@ def _row_loss_fwd(X, Y, XO, YO, SCALE, STATS, b, B, D, stride_x, stride_y, strid
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < B
-        acc = _sim_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = dot_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_K,
+                       IEEE=True)
         is_diag = cols[None, :] == diag[:, None]
         if HAS_CE:
             lg = tl.where(cmask[None, :], acc * s, float("-inf"))
@@ -100,7 +77,8 @@ def _row_loss_fwd(X, Y, XO, YO, SCALE, STATS, b, B, D, stride_x, stride_y, strid
             m_ce = new
             dg += tl.sum(tl.where(is_diag, acc, 0.0), 1)
         if HAS_KL:
-            acco = _sim_tile(XO, YO, rows, cols, rmask, cmask, D, stride_xo, stride_yo, BLOCK_M, BLOCK_N, BLOCK_K)
+            acco = dot_tile(XO, YO, rows, cols, rmask, cmask, D, stride_xo, stride_yo, BLOCK_M, BLOCK_N,
+                            BLOCK_K, IEEE=True)
             sov = tl.where(cmask[None, :], acco, float("-inf"))
             tmax = tl.max(sov, 1)
             tidx = tl.min(tl.where(sov == tmax[:, None], cols[None, :], 2147483647), 1)
@@ -116,11 +94,11 @@ def _row_loss_fwd(X, Y, XO, YO, SCALE, STATS, b, B, D, stride_x, stride_y, strid
             z = z * tl.exp(m - new) + tl.sum(tl.exp(x - new[:, None]), 1)
             m = new
             newo = tl.maximum(mo, tl.max(xo, 1))
-            alpha = tl.exp(mo - newo)
+            rescale = tl.exp(mo - newo)  # the old running sums were relative to the previous max
             eo = tl.exp(xo - newo[:, None])
             diff = tl.where(keep, (acco - acc) * inv_tau, 0.0)
-            zo = zo * alpha + tl.sum(eo, 1)
-            cr = cr * alpha + tl.sum(eo * diff, 1)
+            zo = zo * rescale + tl.sum(eo, 1)
+            cr = cr * rescale + tl.sum(eo * diff, 1)
             mo = newo
     if HAS_CE:
         lse_ce = m_ce + tl.log(z_ce)
@@ -138,9 +116,26 @@ def _row_loss_fwd(X, Y, XO, YO, SCALE, STATS, b, B, D, stride_x, stride_y, strid
 
 
 @triton.jit
-def _ds_tile(acc, acco, rows, cols, rmask, cmask, diag, s, gce, lse_ce, lse, lse_o, wkl, inv_tau,
-             HAS_CE: tl.constexpr, HAS_KL: tl.constexpr, OFF_DIAG: tl.constexpr):
-    """dLoss/dS for one tile and Σ_j (P_ce − onehot)_ij·S_ij per row (logit-scale gradient)."""
+def _row_stats(STATS, WKL, rows, rmask, b):
+    """The forward's per-row statistics backward needs: LSE of s·S, of S/τ, of S'/τ, and the KL weight."""
+    lse_ce = tl.load(STATS + b + rows, mask=rmask, other=0.0)
+    lse = tl.load(STATS + 3 * b + rows, mask=rmask, other=0.0)
+    lse_o = tl.load(STATS + 4 * b + rows, mask=rmask, other=0.0)
+    wkl = tl.load(WKL + rows, mask=rmask, other=0.0)
+    return lse_ce, lse, lse_o, wkl
+
+
+@triton.jit
+def _ds_tile(X, Y, XO, YO, rows, cols, rmask, cmask, D, stride_x, stride_y, stride_xo, stride_yo, diag, s,
+             gce, lse_ce, lse, lse_o, wkl, inv_tau, HAS_CE: tl.constexpr, HAS_KL: tl.constexpr,
+             OFF_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dLoss/dS for one tile, recomputed from the features, and Σ_j (P_ce − onehot)_ij·S_ij per row
+    (logit-scale gradient)."""
+    acc = dot_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_K, IEEE=True)
+    acco = acc
+    if HAS_KL:
+        acco = dot_tile(XO, YO, rows, cols, rmask, cmask, D, stride_xo, stride_yo, BLOCK_M, BLOCK_N, BLOCK_K,
+                        IEEE=True)
     valid = rmask[:, None] & cmask[None, :]
     is_diag = cols[None, :] == diag[:, None]
     g = tl.zeros(acc.shape, dtype=tl.float32)
@@ -160,7 +155,7 @@ def _ds_tile(acc, acco, rows, cols, rmask, cmask, diag, s, gce, lse_ce, lse, lse
     return g, dsr
 
 
-@triton.autotune(configs=_bwd_configs(), key=["B", "D", "HAS_CE", "HAS_KL"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["B", "D", "HAS_CE", "HAS_KL"])
 @triton.jit
 def _row_loss_bwd_dx(X, Y, XO, YO, SCALE, GCE, STATS, WKL, DX, DSROW, b, B, D, stride_x, stride_y,
                      stride_xo, stride_yo, row_offset, inv_tau,
@@ -177,21 +172,15 @@ def _row_loss_bwd_dx(X, Y, XO, YO, SCALE, GCE, STATS, WKL, DX, DSROW, b, B, D, s
     dmask = ds_ < D
     s = tl.load(SCALE).to(tl.float32)
     gce = tl.load(GCE)
-    lse_ce = tl.load(STATS + b + rows, mask=rmask, other=0.0)
-    lse = tl.load(STATS + 3 * b + rows, mask=rmask, other=0.0)
-    lse_o = tl.load(STATS + 4 * b + rows, mask=rmask, other=0.0)
-    wkl = tl.load(WKL + rows, mask=rmask, other=0.0)
+    lse_ce, lse, lse_o, wkl = _row_stats(STATS, WKL, rows, rmask, b)
     dx = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dsr = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < B
-        acc = _sim_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_K)
-        acco = acc
-        if HAS_KL:
-            acco = _sim_tile(XO, YO, rows, cols, rmask, cmask, D, stride_xo, stride_yo, BLOCK_M, BLOCK_N, BLOCK_K)
-        g, dsr_t = _ds_tile(acc, acco, rows, cols, rmask, cmask, diag, s, gce, lse_ce, lse, lse_o, wkl,
-                            inv_tau, HAS_CE, HAS_KL, OFF_DIAG)
+        g, dsr_t = _ds_tile(X, Y, XO, YO, rows, cols, rmask, cmask, D, stride_x, stride_y, stride_xo, stride_yo,
+                            diag, s, gce, lse_ce, lse, lse_o, wkl, inv_tau, HAS_CE, HAS_KL, OFF_DIAG,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
         dsr += dsr_t
         yt = tl.load(Y + cols[:, None] * stride_y + ds_[None, :], mask=cmask[:, None] & dmask[None, :],
                      other=0.0).to(tl.float32)
@@ -201,7 +190,7 @@ def _row_loss_bwd_dx(X, Y, XO, YO, SCALE, GCE, STATS, WKL, DX, DSROW, b, B, D, s
         tl.store(DSROW + rows, dsr, mask=rmask)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["B", "D", "HAS_CE", "HAS_KL"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["B", "D", "HAS_CE", "HAS_KL"])
 @triton.jit
 def _row_loss_bwd_dy(X, Y, XO, YO, SCALE, GCE, STATS, WKL, DY, b, B, D, stride_x, stride_y,
                      stride_xo, stride_yo, row_offset, inv_tau,
@@ -222,16 +211,10 @@ def _row_loss_bwd_dy(X, Y, XO, YO, SCALE, GCE, STATS, WKL, DY, b, B, D, stride_x
         rows = m0 + tl.arange(0, BLOCK_M)
         rmask = rows < b
         diag = rows + row_offset
-        lse_ce = tl.load(STATS + b + rows, mask=rmask, other=0.0)
-        lse = tl.load(STATS + 3 * b + rows, mask=rmask, other=0.0)
-        lse_o = tl.load(STATS + 4 * b + rows, mask=rmask, other=0.0)
-        wkl = tl.load(WKL + rows, mask=rmask, other=0.0)
-        acc = _sim_tile(X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_K)
-        acco = acc
-        if HAS_KL:
-            acco = _sim_tile(XO, YO, rows, cols, rmask, cmask, D, stride_xo, stride_yo, BLOCK_M, BLOCK_N, BLOCK_K)
-        g, _unused = _ds_tile(acc, acco, rows, cols, rmask, cmask, diag, s, gce, lse_ce, lse, lse_o, wkl,
-                              inv_tau, HAS_CE, HAS_KL, OFF_DIAG)
+        lse_ce, lse, lse_o, wkl = _row_stats(STATS, WKL, rows, rmask, b)
+        g, _unused = _ds_tile(X, Y, XO, YO, rows, cols, rmask, cmask, D, stride_x, stride_y, stride_xo,
+                              stride_yo, diag, s, gce, lse_ce, lse, lse_o, wkl, inv_tau, HAS_CE, HAS_KL,
+                              OFF_DIAG, BLOCK_M, BLOCK_N, BLOCK_K)
         xt = tl.load(X + rows[:, None] * stride_x + ds_[None, :], mask=rmask[:, None] & dmask[None, :],
                      other=0.0).to(tl.float32)
         dy = tl.dot(tl.trans(g), xt, dy, input_precision="ieee")
@@ -242,15 +225,10 @@ def _row_loss_bwd_dy(X, Y, XO, YO, SCALE, GCE, STATS, WKL, DY, b, B, D, stride_x
 # launchers
 
 
-def _check_device(*ts):
-    if not INTERPRET and not all(t.is_cuda for t in ts):
-        raise RuntimeError("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
-                           "kernels on the CPU); use backend='torch' on the CPU")
-
-
-def _prep(x, y, dtype=None):
+def _prep(x, y):
+    """x and y contiguous, y in x's dtype (the kernels load both with one element type)."""
     x = x.contiguous()
-    y = y.to(dtype or x.dtype).contiguous()
+    y = y.to(x.dtype).contiguous()
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature dimensions differ: {x.shape[1]} and {y.shape[1]}")
     return x, y
@@ -292,12 +270,11 @@ def row_loss_backward(x, y, xo, yo, scale, stats, gce, wkl, row_offset, inv_tau,
 
 
 class RowLossFunction(torch.autograd.Function):
-    """(Σ ce_i, Σ kl_i, kept) of one direction; the shared autograd core of ClipLossFunction and
-    ModxFunction (they differ in which terms they switch on)."""
+    """(Σ ce_i, Σ kl_i, kept) of one direction: the CLIP cross-entropy (want_ce) and Mod-X's masked
+    KL (want_kl), from the same tiles."""
 
     @staticmethod
     def forward(ctx, x, y, xo, yo, scale, row_offset, inv_tau, off_diag, want_ce, want_kl):
-        _check_device(x, y)
         x, y = _prep(x, y)
         if want_kl:
             xo, yo = _prep(xo, yo)
@@ -330,20 +307,11 @@ class RowLossFunction(torch.autograd.Function):
         return gx, gy, None, None, gs, None, None, None, None, None
 
 
-def _scale_tensor(scale, like):
-    if scale is None:
-        return torch.ones((), device=like.device)
-    if not torch.is_tensor(scale):
-        return torch.tensor(float(scale), device=like.device)
-    return scale
+def direction(x, y, xo, yo, scale, row_offset, options: ModxOptions | None, want_ce: bool):
+    """(Σ ce_i, Σ kl_i, kept) of one direction with the Triton kernels."""
+    want_kl, inv_tau, off_diag = kl_switches(options)
+    check_features(*((x, y, xo, yo) if want_kl else (x, y)))
+    return RowLossFunction.apply(x, y, xo, yo, scale, int(row_offset), inv_tau, off_diag, bool(want_ce), want_kl)
 
 
-class ClipLossFunction(RowLossFunction):
-    """CLIP cross-entropy of one direction: (Σ_i ce_i, 0, 0)."""
-
-
-def direction_clip(x, y, xo, yo, scale, row_offset, temperature, off_diag, want_ce, want_kl):
-    assert want_ce and not want_kl
-    return ClipLossFunction.apply(x, y, x, y, _scale_tensor(scale, x), int(row_offset), 1.0, False,
-                                  True, False)
-
+LOSSES = RowLosses(direction)

@@ -1,0 +1,64 @@
+"""Where work runs: the device behind "auto", and how many threads CPU work may use.
+
+One home for both questions, so the trainer, the analyser, the geometry measures and the kernels
+answer them the same way.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable, Iterable, TypeVar
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """"auto" → cuda when a CUDA device is available, else cpu; anything else as torch reads it."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_workers(limit: int = 4) -> int:
+    """Threads for tiled CPU work: the cores this process may use, at most `limit`."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, limit))
+
+
+@contextmanager
+def single_threaded():
+    """Inside: torch's intra-op pool and every BLAS/OpenMP pool threadpoolctl knows run one thread.
+
+    Callers parallelise over Python threads instead (torch releases the GIL): on a small machine
+    shared with other processes that beats OpenMP threads spinning against each other by a wide
+    margin. torch's thread count is process-wide, so torch work of other Python threads is
+    single-threaded too while this is active; the previous counts are restored on exit."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def map_threads(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:
+    """[fn(x) for x in items], on `workers` Python threads with single-threaded torch when workers > 1."""
+    items = list(items)
+    if workers <= 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    with single_threaded(), ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))

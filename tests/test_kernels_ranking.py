@@ -1,0 +1,202 @@
+"""similarity / topk / retrieval_ranks (kernels/ranking.py, ranking_torch.py, ranking_triton.py
+and the ranking formulas of reference.py): tiled torch and Triton (interpreter) against the dense
+reference (docs/definitions.md, "Retrieval ranks and ties"). Small shapes, deliberately not
+multiples of the block sizes."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import geomlab.kernels as K
+from geomlab.kernels import ranking_torch, reference
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def exact_features(n, d, seed, dup=()):
+    """Entries in {-2..2}/8: every dot product is exact in fp32 whatever the summation order, in
+    fp32 and bf16, so backends must agree bit for bit and ties are real ties. `dup` = (src, dst)
+    row copies for duplicate rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (n, d), generator=g).float() / 8
+    for src, dst in dup:
+        x[dst] = x[src]
+    return x
+
+
+def unit(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def expected_topk(q, g, k):
+    """Dense top-k ordered by (score desc, index asc)."""
+    s = reference.similarity(q, g)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(s, 1, order), order
+
+
+def topk_fn(backend, small_tiles):
+    if backend == "torch" and small_tiles:  # tiles narrower than k, ragged edges
+        return lambda q, g, k: ranking_torch.topk(q, g, k, block_q=8, block_g=7)
+    return lambda q, g, k: K.topk(q, g, k, backend=backend)
+
+
+def ranks_fn(backend, small_tiles):
+    if backend == "torch" and small_tiles:
+        return lambda i, t, ci=None: ranking_torch.retrieval_ranks(i, t, ci, block_q=8, block_g=7)
+    return lambda i, t, ci=None: K.retrieval_ranks(i, t, ci, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_similarity(backend, dtype):
+    a, b = unit(37, 20, 0).to(dtype), unit(29, 20, 1).to(dtype)
+    out = K.similarity(a, b, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == (37, 29)
+    torch.testing.assert_close(out, reference.similarity(a, b), atol=1e-5, rtol=1e-5)
+    e, f = exact_features(19, 33, 2).to(dtype), exact_features(40, 33, 3).to(dtype)
+    assert torch.equal(K.similarity(e, f, backend=backend), reference.similarity(e, f))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_topk_ties_exact(backend, dtype, small_tiles):
+    q = exact_features(21, 20, 4, dup=[(0, 3), (5, 6)]).to(dtype)
+    g = exact_features(45, 20, 5, dup=[(3, 5), (3, 20), (10, 44)]).to(dtype)
+    fn = topk_fn(backend, small_tiles)
+    for k in (1, 5, 20, 45):  # 20 > the tile widths (7 for torch here, 16 for the interpreter)
+        v, i = fn(q, g, k)
+        ev, ei = expected_topk(q, g, k)
+        assert v.dtype == torch.float32 and i.dtype == torch.int64 and v.shape == (21, k)
+        assert torch.equal(v, ev), k
+        assert torch.equal(i, ei), k  # ties: smaller gallery index first
+        rv, ri = reference.topk(q, g, k)  # dense torch.topk: same values, ties in any order
+        assert torch.equal(v, rv)
+
+
+@pytest.mark.parametrize("block_g", [64, 150, 333])
+def test_topk_torch_segments(block_g):
+    """The torch backend's segment pruning (64-wide column segments + a ragged tail) on tiles
+    wide enough to use it, with many exact ties."""
+    q = exact_features(60, 12, 17, dup=[(0, 1)])
+    g = exact_features(333, 12, 18, dup=[(7, 100), (7, 250), (7, 332)])
+    for k in (1, 2, 3, 70, 200):  # small k: the warm-up bound comes from segment maxima
+        v, i = ranking_torch.topk(q, g, k, block_q=25, block_g=block_g)
+        ev, ei = expected_topk(q, g, k)
+        assert torch.equal(v, ev) and torch.equal(i, ei), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_random(backend):
+    q, g = unit(33, 24, 6), unit(70, 24, 7)
+    v, i = K.topk(q, g, 10, backend=backend)
+    rv, ri = reference.topk(q, g, 10)
+    torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-5)
+    assert torch.equal(i, ri)
+    with pytest.raises(ValueError):
+        K.topk(q, g, 71, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_ranks_one_caption(backend, dtype, small_tiles):
+    image = exact_features(35, 20, 8, dup=[(1, 2), (4, 30)]).to(dtype)
+    text = exact_features(35, 20, 9, dup=[(0, 7), (7, 8)]).to(dtype)
+    text[12] = image[12]  # a strong positive
+    got = ranks_fn(backend, small_tiles)(image, text)
+    want = reference.retrieval_ranks(image, text)
+    assert all(x.dtype == torch.int64 for x in got)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    u, w = unit(40, 24, 10), unit(40, 24, 11)
+    got, want = ranks_fn(backend, small_tiles)(u, w), reference.retrieval_ranks(u, w)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_ranks_multi_caption(backend, dtype, small_tiles):
+    n_img, n_txt = 23, 50
+    g = torch.Generator().manual_seed(12)
+    ci = torch.randint(0, n_img - 1, (n_txt,), generator=g)  # image 22 has no caption
+    image = exact_features(n_img, 20, 13, dup=[(0, 5)]).to(dtype)
+    text = exact_features(n_txt, 20, 14, dup=[(2, 9), (2, 40)]).to(dtype)
+    got = ranks_fn(backend, small_tiles)(image, text, ci)
+    want = reference.retrieval_ranks(image, text, ci)
+    assert got[0].shape == (n_img,) and got[1].shape == (n_txt,)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0][22] == n_txt
+
+
+def test_ranks_errors():
+    with pytest.raises(ValueError):
+        K.retrieval_ranks(unit(5, 8, 0), unit(6, 8, 1), backend="torch")
+    with pytest.raises(ValueError):
+        K.retrieval_ranks(unit(5, 8, 0), unit(6, 8, 1), torch.tensor([0, 1, 2, 3, 4, 5]), backend="torch")
+    with pytest.raises(ValueError):
+        K.similarity(unit(5, 8, 0), unit(5, 9, 1), backend="torch")
+
+
+def test_auto_backend_on_cpu():
+    q, g = unit(30, 16, 15), unit(50, 16, 16)
+    v, i = K.topk(q, g, 3)  # auto → torch on CPU
+    assert torch.equal(i, ranking_torch.topk(q, g, 3)[1])
+
+
+def test_public_signatures():
+    assert str(inspect.signature(K.similarity)) == "(a, b, *, backend='auto')"
+    assert str(inspect.signature(K.topk)) == "(queries, gallery, k, *, backend='auto')"
+    assert str(inspect.signature(K.retrieval_ranks)) == "(image, text, caption_image=None, *, backend='auto')"
+
+
+def test_triton_refuses_float64():
+    a = unit(5, 8, 0).double()
+    for call in (lambda: K.similarity(a, a, backend="triton"), lambda: K.topk(a, a, 2, backend="triton"),
+                 lambda: K.retrieval_ranks(a, a, backend="triton")):
+        with pytest.raises(TypeError, match=r"torch\.float64.*backend='torch'"):
+            call()
+
+
+def test_torch_worker_threads():
+    """Enough query rows for several worker threads: the same results as one block, exactly, and
+    torch's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    q, g = exact_features(600, 16, 19, dup=[(0, 599)]), exact_features(530, 16, 20, dup=[(1, 529)])
+    v, i = ranking_torch.topk(q, g, 7)
+    ev, ei = expected_topk(q, g, 7)
+    assert torch.equal(v, ev) and torch.equal(i, ei)
+    image, text = exact_features(600, 16, 21), exact_features(600, 16, 22, dup=[(3, 4)])
+    got, want = ranking_torch.retrieval_ranks(image, text), reference.retrieval_ranks(image, text)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("data", ["random", "exact_ties", "near_duplicates"])
+def test_topk_bf16_candidate_pass_is_exact(data):
+    """The bf16 pass of ranking_torch.topk (candidates from bf16 GEMMs, rescored in fp32, unsafe rows
+    recomputed) returns the fp32 pass's top-k: same values, and the same indices wherever scores
+    are not tied to within fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    if data == "exact_ties":  # entries in {-2..2}/8: every score is exact in bf16 and fp32 alike
+        q = torch.randint(-2, 3, (300, 24), generator=g).float() / 8
+        gal = torch.randint(-2, 3, (700, 24), generator=g).float() / 8
+    else:
+        q = torch.nn.functional.normalize(torch.randn(300, 40, generator=g), dim=1)
+        gal = torch.nn.functional.normalize(torch.randn(700, 40, generator=g), dim=1)
+        if data == "near_duplicates":  # scores closer than the bf16 error: forces the exact fallback
+            gal[:200] = torch.nn.functional.normalize(gal[0] + 1e-3 * torch.randn(200, 40, generator=g), dim=1)
+            q[:40] = torch.nn.functional.normalize(gal[0] + 1e-3 * torch.randn(40, 40, generator=g), dim=1)
+    v1, i1 = ranking_torch.topk(q, gal, 7, approx=True, block_g=256)
+    v0, i0 = ranking_torch.topk(q, gal, 7, approx=False, block_g=256)
+    torch.testing.assert_close(v1, v0, rtol=0, atol=1e-6)
+    if data != "near_duplicates":
+        assert torch.equal(i1, i0)
+    # every returned index really has the returned score
+    exact = (q.unsqueeze(1) * gal[i1]).sum(-1)
+    torch.testing.assert_close(exact, v1, rtol=0, atol=1e-6)
