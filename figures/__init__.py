@@ -12,6 +12,8 @@ Any text that comes from the data (strategy, domain and checkpoint names, captio
 from .plots import (accuracy_matrices, deviation, figures, flips, forgetting_curves, load, rigid_share,
                     rotation_angles, rotation_spectrum, sphere, topology_drift)
 from .report import render_report, write_report
+from .summary import headline_numbers
 
 __all__ = ["load", "accuracy_matrices", "forgetting_curves", "rotation_angles", "topology_drift", "rigid_share",
-           "rotation_spectrum", "deviation", "flips", "sphere", "figures", "render_report", "write_report"]
+           "rotation_spectrum", "deviation", "flips", "sphere", "figures", "render_report", "write_report",
+           "headline_numbers"]

@@ -47,7 +47,7 @@ def _labels(s: dict) -> list[str]:
         if c.get("phase") is None:
             out.append(esc(c["label"]))
         else:
-            out.append(("base " if c.get("owner") == "base" else "") + f"p{c['phase']}:{c['step']}")
+            out.append(("base " if c.get("strategy_dir") == "base" else "") + f"p{c['phase']}:{c['step']}")
     return out
 
 

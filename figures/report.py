@@ -7,7 +7,10 @@ from pathlib import Path
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
+from geomlab.io import atomic_write_text
+
 from .plots import figures
+from .summary import headline_numbers
 
 _ERROR_HOOK = """<script>
 window.__geomlabErrors = [];
@@ -55,16 +58,13 @@ def _f(v, spec=".3f") -> str:
 def _summary_table(a: dict) -> str:
     d0 = a["domains"][0]
     rows = []
-    for name, s in a["strategies"].items():
-        acc = s["accuracy"]
-        last = s["vs_base"][-1] if len(s["vs_base"]) > 1 else None
-        g = last[d0] if last else None
+    for name, h in headline_numbers(a).items():
+        g = h["vs_base"] or {}
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in (
-            _e(name), len(s["checkpoints"]), _f(acc["average"]), _f(acc["mean_forgetting"]), _f(acc["bwt"], "+.3f"),
-            _f(g and g["rotation"]["image"]["mean"], ".1f"), _f(g and g["rotation"]["text"]["mean"], ".1f"),
-            _f(g and g["procrustes"]["image"]["rigid_share"], ".2f"), _f(g and g["deviation"]["desync"]["mean"], ".1f"),
-            _f(g and g["flips"]["image_to_text"]["forgotten"], ".2f"),
-            _f(g and g["flips"]["image_to_text"]["auc_alignment_drift"], ".2f"))) + "</tr>")
+            _e(name), h["checkpoints"], _f(h["average"]), _f(h["mean_forgetting"]), _f(h["bwt"], "+.3f"),
+            _f(g.get("rotation_image"), ".1f"), _f(g.get("rotation_text"), ".1f"),
+            _f(g.get("rigid_share_image"), ".2f"), _f(g.get("desync"), ".1f"), _f(g.get("forgotten"), ".2f"),
+            _f(g.get("auc_alignment_drift"), ".2f"))) + "</tr>")
     head = ("strategy", "checkpoints", "average R@1", "mean forgetting", "BWT", "θ image (°)", "θ text (°)",
             "rigid share (image)", "desync (°)", "forgotten i→t", "AUC Δφ→forgotten")
     return (f"<table><tr>{''.join(f'<th>{_e(h)}</th>' for h in head)}</tr>{''.join(rows)}</table>"
@@ -94,8 +94,6 @@ def render_report(a: dict, *, title: str | None = None) -> str:
 
 def write_report(a: dict, path) -> Path:
     """Write `render_report(a)` atomically to `path`; returns the path."""
-    from geomlab.io import atomic_write_text
-
     path = Path(path)
     atomic_write_text(path, render_report(a))
     return path

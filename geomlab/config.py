@@ -6,11 +6,15 @@ default. Unknown keys and wrong types are errors that name the key and list the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import re
 import sys
 from importlib import resources
 from pathlib import Path
+
+from geomlab.kernels import MODX_ALPHA, REDUCTIONS, ModxOptions
+from geomlab.runtime import DEVICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,7 +58,7 @@ SCHEMA: dict = {
     "run": {
         "name": "run",
         "seed": 0,
-        "device": "auto",            # auto | cpu | cuda
+        "device": "auto",            # one of DEVICES; auto = cuda when available, else cpu
         "strategies": ["finetune", "modx", "joint"],
     },
     "model": {
@@ -92,23 +96,19 @@ SCHEMA: dict = {
         "eval_batch_size": 256,
     },
     "finetune": {},
-    "modx": {
-        "alpha": 20.0,
-        "temperature": 1.0,
-        "reduction": "sum",          # sum | mean | kept_mean
-        "off_diagonal_only": False,
-    },
+    # alpha, temperature, reduction, off_diagonal_only: Mod-X's options, with the kernels' defaults
+    "modx": {"alpha": MODX_ALPHA, **dataclasses.asdict(ModxOptions())},
     "joint": {},
 }
 
 CHOICES = {
-    ("run", "device"): ("auto", "cpu", "cuda"),
+    ("run", "device"): DEVICES,
     ("model", "precision"): ("fp32", "bf16", "fp16", "amp", "amp_bf16"),
     ("data", "on_bad_sample"): ("error", "skip"),
     ("data", "datasets", "train_captions"): ("all", "first", "random"),
     ("data", "sources", "format"): ("coco", "karpathy", "csv", "wds"),
     ("data", "sources", "role"): ("train", "probe"),
-    ("modx", "reduction"): ("sum", "mean", "kept_mean"),
+    ("modx", "reduction"): REDUCTIONS,
 }
 
 

@@ -40,11 +40,14 @@ def state_dict_of(checkpoint: dict) -> dict:
 
 def create_model(name: str, pretrained: str | None = None, precision: str = "fp32",
                  device: str | torch.device = "cpu"):
-    """(model, tokenizer). `pretrained` is a local checkpoint path; nothing is ever downloaded."""
+    """(model, transforms, tokenizer), as open_clip.create_model_and_transforms builds them;
+    transforms = {"train": open_clip's training image transform, "val": its evaluation one}.
+    `pretrained` is a local checkpoint path, loaded here; nothing is ever downloaded."""
     from .io import load_checkpoint
 
     check_model_name(name)
-    model = open_clip.create_model(name, precision=precision, device=device)
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=None, precision=precision, device=device)
     if pretrained:
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist")
@@ -53,7 +56,7 @@ def create_model(name: str, pretrained: str | None = None, precision: str = "fp3
         if missing or unexpected:
             raise ValueError(f"{pretrained}: weights do not fit model {name!r} "
                              f"(missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]})")
-    return model, open_clip.get_tokenizer(name)
+    return model, {"train": preprocess_train, "val": preprocess_val}, open_clip.get_tokenizer(name)
 
 
 def image_size(model) -> int:

@@ -1,4 +1,5 @@
-"""Geometry traces (SPEC §5.4): probe embeddings at one checkpoint, in one safetensors file.
+"""Geometry traces, the file format: probe embeddings at one checkpoint in one safetensors file
+(docs/definitions.md, "Traces"). Where a run keeps its traces is geomlab.rundir's business.
 
 Tensors: `<domain>.image` [N, d] and `<domain>.text` [M, d] (L2-normalised, float16),
 `<domain>.ids` [N] int64 sample ids, and, with several captions per image,
@@ -73,7 +74,3 @@ def read_trace(path) -> Trace:
             raise ValueError(f"{path}: trace lacks tensor {e.args[0]!r}") from e
     extra = {k: v for k, v in meta.items() if k not in ("domains", "phase", "step", "model")}
     return Trace(domains=domains, phase=int(meta["phase"]), step=int(meta["step"]), model=meta["model"], extra=extra)
-
-
-def checkpoint_stem(phase: int, step: int) -> str:
-    return f"phase{phase}_step{step:06d}"

@@ -1,4 +1,4 @@
-"""python -m geomlab.train: continual CLIP training with geometry traces (SPEC §2, §3).
+"""python -m geomlab.train: continual CLIP training with geometry traces.
 
 A base model is trained on phase 0; every strategy then continues from that same base model
 through the remaining phases. Checkpoints, traces (probe embeddings) and retrieval metrics are
@@ -25,14 +25,14 @@ from tqdm import tqdm
 from geomlab import __version__
 from geomlab.config import ConfigError, dumps, load_config
 from geomlab.data import DataError, build_stream
-from geomlab.data.readers import model_transforms
 from geomlab.embed import embed_probe
 from geomlab.geometry import retrieval_metrics
-from geomlab.io import append_jsonl, atomic_torch_save, load_checkpoint
+from geomlab.io import atomic_torch_save, load_checkpoint
 from geomlab.models import check_model_name, create_model, image_size, state_dict_of
-from geomlab.rundir import RunDir, RunDirError
+from geomlab.rundir import RunDir, RunDirError, checkpoint_stem
+from geomlab.runtime import resolve_device
 from geomlab.strategies import Features, PhaseContext, get_strategy
-from geomlab.traces import Trace, checkpoint_stem, write_trace
+from geomlab.traces import Trace, write_trace
 
 LOGIT_SCALE_MAX = math.log(100)
 
@@ -95,12 +95,12 @@ class Dist:
         return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
 
-def init_distributed(device: str) -> Dist:
+def init_distributed(device: torch.device) -> Dist:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
     import torch.distributed as dist
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return Dist(rank=dist.get_rank(), world=dist.get_world_size())
 
@@ -184,14 +184,12 @@ def unwrap(model):
 class Trainer:
     def __init__(self, config: dict, run: RunDir, dist: Dist):
         self.config, self.run, self.dist = config, run, dist
-        device = config["run"]["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(config["run"]["device"])
         m = config["model"]
-        self.model, self.tokenizer = create_model(m["name"], m["pretrained"] or None, m["precision"], self.device)
+        self.model, transforms, self.tokenizer = create_model(m["name"], m["pretrained"] or None, m["precision"],
+                                                              self.device)
         self.stream = build_stream(config["data"]["stream"], config["data"], image_size=image_size(self.model),
-                                   preprocess=model_transforms(self.model), seed=config["run"]["seed"])
+                                   preprocess=transforms, seed=config["run"]["seed"])
         self.num_phases = len(self.stream.phases)
         self.bar = None
         # Mixed precision as open_clip: "amp" = float16 autocast with a gradient scaler on CUDA
@@ -206,24 +204,24 @@ class Trainer:
 
     # -- evaluation and checkpoints (rank 0 only)
 
-    def save_checkpoint(self, where: str, phase: int, step: int, phase_end: bool) -> None:
+    def save_checkpoint(self, strategy_dir: str, phase: int, step: int, phase_end: bool) -> None:
         model = unwrap(self.model)
-        stem = checkpoint_stem(phase, step)
-        d = self.run.strategy_dir(where)
-        atomic_torch_save(d / "checkpoints" / f"{stem}.pt", {
+        # "epoch" = phase: open_clip's own checkpoints carry "epoch"
+        atomic_torch_save(self.run.checkpoint_path(strategy_dir, phase, step), {
             "state_dict": model.state_dict(), "name": self.config["model"]["name"], "phase": phase,
-            "step": step, "strategy": where, "phase_end": phase_end, "epoch": phase})
+            "step": step, "strategy": strategy_dir, "phase_end": phase_end, "epoch": phase})
         embeddings = {p.name: embed_probe(model, self.tokenizer, p, self.device, self.config["train"]["eval_batch_size"])
                       for p in self.stream.probes}
-        write_trace(d / "traces" / f"{stem}.safetensors",
+        write_trace(self.run.trace_path(strategy_dir, phase, step),
                     Trace(domains=embeddings, phase=phase, step=step, model=self.config["model"]["name"],
-                          extra={"strategy": where}))
+                          extra={"strategy": strategy_dir}))
         retrieval = {name: retrieval_metrics(e.image, e.text, e.caption_image) for name, e in embeddings.items()}
-        append_jsonl(d / "metrics.jsonl", {"kind": "eval", "phase": phase, "step": step, "checkpoint": stem,
-                                           "phase_end": phase_end, "retrieval": retrieval})
+        self.run.append_metrics(strategy_dir, {"kind": "eval", "phase": phase, "step": step,
+                                               "checkpoint": checkpoint_stem(phase, step), "phase_end": phase_end,
+                                               "retrieval": retrieval})
 
-    def save_state(self, where, phase, step, optimizer) -> None:
-        atomic_torch_save(self.run.strategy_dir(where) / "state.pt", {
+    def save_state(self, strategy_dir, phase, step, optimizer) -> None:
+        atomic_torch_save(self.run.state_path(strategy_dir), {
             "phase": phase, "step": step, "model": unwrap(self.model).state_dict(),
             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {}})
@@ -267,21 +265,21 @@ class Trainer:
             unwrap(self.model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         return loss, parts
 
-    def make_strategy(self, strategy_name: str, phase: int):
-        """The strategy for this phase; call it while the model holds the phase-start weights."""
+    def make_strategy(self, strategy_name: str):
+        """The strategy for a phase, its config section as keyword arguments; call it while the
+        model holds the phase-start weights."""
         cls = get_strategy(strategy_name)
         snapshot = copy.deepcopy(unwrap(self.model)).eval().requires_grad_(False) if cls.needs_previous_model else None
-        ctx = PhaseContext(stream=self.stream, phase=phase, options=self.config.get(strategy_name, {}),
-                           previous_model=lambda: snapshot, encode=encode, gather=self.dist.gather)
-        return cls(ctx)
+        context = PhaseContext(stream=self.stream, previous_model=snapshot, encode=encode, gather=self.dist.gather)
+        return cls(context, **self.config[cls.name])
 
-    def train_phase(self, where: str, strategy_name: str, phase: int) -> None:
+    def train_phase(self, strategy_dir: str, strategy_name: str, phase: int) -> None:
         cfg, t = self.config, self.config["train"]
-        strategy = self.make_strategy(strategy_name, phase)
+        strategy = self.make_strategy(strategy_name)
         data = strategy.train_data(self.stream, phase)
         total = phase_steps(cfg, phase, len(data))
         optimizer = make_optimizer(self.model, cfg)
-        state, start = self.run.load_state(where), 0
+        state, start = self.run.load_state(strategy_dir), 0
         if state is not None and state["phase"] == phase:  # resume mid-phase
             unwrap(self.model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -291,12 +289,12 @@ class Trainer:
             start = state["step"]
         # Lines logged after the state we start from (a crash) are dropped: they will be logged again.
         if self.dist.main:
-            self.run.truncate_metrics(where, phase, start)
+            self.run.truncate_metrics(strategy_dir, phase, start)
         every = t["checkpoint_every"]
-        salt = phase * 131 + sum(map(ord, where))
+        salt = phase * 131 + sum(map(ord, strategy_dir))
 
         self.model.train()
-        self.bar.set_description(f"{where} phase {phase}/{self.num_phases - 1}")
+        self.bar.set_description(f"{strategy_dir} phase {phase}/{self.num_phases - 1}")
         for step, (images, tokens) in enumerate(self.batches(data, salt, start, total), start=start):
             loss, parts = self.train_step(strategy, optimizer, images, tokens, lr_at(step, total, cfg))
             done = step + 1
@@ -306,15 +304,15 @@ class Trainer:
                        "lr": optimizer.param_groups[0]["lr"],
                        "logit_scale": unwrap(self.model).logit_scale.exp().item()}
                 row.update({k: float(v.detach()) for k, v in parts.items()})
-                append_jsonl(self.run.strategy_dir(where) / "metrics.jsonl", row)
+                self.run.append_metrics(strategy_dir, row)
                 self.bar.set_postfix(loss=f"{loss.item():.3f}")
             if done == total or (every and done % every == 0):
                 if self.dist.main:
-                    self.save_checkpoint(where, phase, done, phase_end=done == total)
-                    self.save_state(where, phase, done, optimizer)
+                    self.save_checkpoint(strategy_dir, phase, done, phase_end=done == total)
+                    self.save_state(strategy_dir, phase, done, optimizer)
                 self.barrier()
         if self.dist.main:
-            self.run.mark_complete(where, phase)
+            self.run.mark_complete(strategy_dir, phase)
         self.barrier()
 
     def barrier(self):
@@ -325,19 +323,20 @@ class Trainer:
 
     def fit(self) -> None:
         strategies = self.config["run"]["strategies"]
+        # (strategy_dir, strategy, phase): phase 0 trains the shared base with finetune
         plan = [("base", "finetune", 0)] + [(s, s, p) for s in strategies for p in range(1, self.num_phases)]
-        todo = [(w, s, p) for w, s, p in plan if not self.run.is_complete(w, p)]
-        steps = {(w, p): phase_steps(self.config, p, len(get_strategy(s).train_data(self.stream, p)))
-                 for w, s, p in todo}
-        done_before = sum(self.run.resume_step(w, p) for w, _, p in todo)
+        todo = [(d, s, p) for d, s, p in plan if not self.run.is_complete(d, p)]
+        steps = {(d, p): phase_steps(self.config, p, len(get_strategy(s).train_data(self.stream, p)))
+                 for d, s, p in todo}
+        done_before = sum(self.run.resume_step(d, p) for d, _, p in todo)
         self.bar = tqdm(total=sum(steps.values()), initial=done_before, unit="step", dynamic_ncols=True,
                         disable=not self.dist.main, mininterval=1.0)
-        for where, strategy_name, phase in todo:
-            if where != "base":
+        for strategy_dir, strategy_name, phase in todo:
+            if strategy_dir != "base":
                 # Phase-start weights: every strategy starts phase 1 from the same base model.
-                previous = self.run.phase_end_checkpoint("base" if phase == 1 else where, phase - 1)
+                previous = self.run.phase_end_checkpoint("base" if phase == 1 else strategy_dir, phase - 1)
                 unwrap(self.model).load_state_dict(state_dict_of(load_checkpoint(previous)))
-            self.train_phase(where, strategy_name, phase)
+            self.train_phase(strategy_dir, strategy_name, phase)
         self.bar.close()
 
 
@@ -346,8 +345,7 @@ def main(argv=None) -> int:
     try:
         config = resolve_config(args)
         run = RunDir(Path(args.out) if args.out else Path("runs") / config["run"]["name"])
-        dist = init_distributed(config["run"]["device"] if config["run"]["device"] != "auto"
-                                else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dist = init_distributed(resolve_device(config["run"]["device"]))
         if config["train"]["batch_size"] % dist.world:
             raise ConfigError(f"train.batch_size ({config['train']['batch_size']}) must be a multiple of "
                               f"the number of processes ({dist.world})")

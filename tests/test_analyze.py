@@ -1,17 +1,24 @@
-"""python -m geomlab.analyze on the three kinds of CKPT_DIR (SPEC §2, §3) and on bad input."""
+"""python -m geomlab.analyze on the three kinds of CKPT_DIR and on bad input; its numbers against
+independent computations from the traces (docs/definitions.md)."""
+import contextlib
 import hashlib
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 import geomlab  # noqa: F401  (registers geomlab-tiny)
 from geomlab import geometry as G
-from geomlab.analyze import main
+from geomlab.analyze import analyze, main
+from geomlab.data import shapes
 from geomlab.geometry.synthetic import synthetic_run
 from geomlab.io import atomic_torch_save
+from geomlab.rundir import RunDir
 from geomlab.traces import read_trace
 
 
@@ -20,48 +27,157 @@ def tree_digest(root: Path, skip="analysis") -> dict:
             for p in sorted(root.rglob("*")) if p.is_file() and skip not in p.relative_to(root).parts}
 
 
+def brute_ranks(image, text, caption_image=None):
+    """0-based ranks of the positives from a stable descending argsort of float64 similarities (a
+    tie goes to the smaller index); an image counts its best-ranked caption."""
+    image, text = image.double(), text.double()
+    ci = caption_image if caption_image is not None else torch.arange(text.shape[0])
+    s = image @ text.T
+    order = s.argsort(dim=1, descending=True, stable=True)
+    caption_rank = torch.stack([(order[ci[c]] == c).nonzero()[0, 0] for c in range(text.shape[0])])
+    i2t = torch.stack([caption_rank[ci == i].min() for i in range(image.shape[0])])
+    order_t = s.T.argsort(dim=1, descending=True, stable=True)
+    t2i = torch.stack([(order_t[c] == ci[c]).nonzero()[0, 0] for c in range(text.shape[0])])
+    return i2t, t2i
+
+
+def mean_r1(emb) -> float:
+    i2t, t2i = brute_ranks(emb.image, emb.text, emb.caption_image)
+    return 0.5 * ((i2t == 0).double().mean().item() + (t2i == 0).double().mean().item())
+
+
+def mean_angle(a, b) -> float:
+    """Mean of arccos⟨a_i, b_i⟩ in degrees."""
+    cos = (F.normalize(a.double(), dim=1) * F.normalize(b.double(), dim=1)).sum(1).clamp(-1, 1)
+    return torch.rad2deg(torch.arccos(cos)).mean().item()
+
+
+def sphere_gram(rows, fit):
+    """Gram matrix of `rows` projected on the top-3 principal axes of `fit` (SVD) and scaled to unit
+    length: independent of the axes' signs, so comparable with any PCA's projection."""
+    fit = fit.double()
+    mean = fit.mean(0)
+    axes = torch.linalg.svd(fit - mean, full_matrices=False).Vh[:3]
+    p = F.normalize((rows.double() - mean) @ axes.T, dim=1)
+    return p @ p.T
+
+
+def explained_variance(fit):
+    s = torch.linalg.svdvals(fit.double() - fit.double().mean(0))
+    return (s[:3] ** 2 / (s ** 2).sum()).tolist()
+
+
+def accuracy_from_traces(paths, domains):
+    return [[mean_r1(read_trace(p).domains[d]) for d in domains] for p in paths]
+
+
+def bwt_of(A):
+    T = len(A) - 1
+    return float(np.mean([A[T][d] - A[d][d] for d in range(T)]))
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return synthetic_run(tmp_path_factory.mktemp("runs") / "syn", checkpoints=5, domains=3, n=80, d=16, seed=1)
 
 
-def test_run_directory(run_dir, capsys):
+@pytest.fixture(scope="module")
+def run_analysis(run_dir):
+    """(analysis.json of the whole run, console output, the run's tree digest before the analysis)."""
     before = tree_digest(run_dir)
-    assert main([str(run_dir)]) == 0
-    out = capsys.readouterr().out
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([str(run_dir)]) == 0
+    return json.loads((run_dir / "analysis" / "analysis.json").read_text()), out.getvalue(), before
+
+
+def test_run_directory(run_dir, run_analysis):
+    a, out, before = run_analysis
     report = run_dir / "analysis" / "report.html"
-    assert f"report: {report}" in out and report.is_file()
-    a = json.loads((run_dir / "analysis" / "analysis.json").read_text())
+    assert f"report: {report}" in out and report.read_text().startswith("<!DOCTYPE html>")
     assert a["schema"] == "geomlab.analysis/1" and a["source"]["kind"] == "run"
+    assert a["source"]["run"] == RunDir(run_dir).run_json()
     assert list(a["strategies"]) == ["finetune", "modx", "joint"] and a["domains"] == ["domain0", "domain1", "domain2"]
     s = a["strategies"]["finetune"]
-    assert len(s["checkpoints"]) == 5 and s["checkpoints"][0]["label"] == "base/phase0_step000100"
-    assert s["vs_base"][0] is None and s["vs_base"][1] == s["vs_previous"][1]
-    assert set(s["vs_base"][-1]["domain0"]) >= {"rotation", "topology_drift", "procrustes", "cka", "mutual_knn",
-                                                "deviation", "flips"}
-    # the accuracy matrix from the traces themselves: base phase end, then each phase end
+    # the series: the base phase-0 end, then the strategy's traces in (phase, step) order
+    traces = sorted((run_dir / "finetune" / "traces").glob("*.safetensors"),
+                    key=lambda p: (read_trace(p).phase, read_trace(p).step))
+    paths = [run_dir / "base/traces/phase0_step000100.safetensors"] + traces
+    assert [c["path"] for c in s["checkpoints"]] == [str(p) for p in paths]
+    assert [c["label"] for c in s["checkpoints"]] == ["base/phase0_step000100"] + [p.stem for p in traces]
+    assert [c["strategy_dir"] for c in s["checkpoints"]] == ["base"] + ["finetune"] * len(traces)
+    assert [(c["phase"], c["step"]) for c in s["checkpoints"]] == [(read_trace(p).phase, read_trace(p).step)
+                                                                  for p in paths]
+    ends = [0] + [k for k in range(1, len(paths)) if k + 1 == len(paths) or
+                  read_trace(paths[k + 1]).phase != read_trace(paths[k]).phase]
+    assert [k for k, c in enumerate(s["checkpoints"]) if c["phase_end"]] == ends
+    # retrieval and the modality gap of every checkpoint, from the traces by brute force
+    for k, p in enumerate(paths):
+        for d in a["domains"]:
+            e = read_trace(p).domains[d]
+            i2t, t2i = brute_ranks(e.image, e.text)
+            got = s["retrieval"][k][d]
+            assert got["image_to_text_R@1"] == pytest.approx((i2t == 0).double().mean().item(), abs=1e-6)
+            assert got["text_to_image_R@5"] == pytest.approx((t2i < 5).double().mean().item(), abs=1e-6)
+            assert got["image_to_text_mean_rank"] == pytest.approx(i2t.double().mean().item() + 1, rel=1e-6)
+            assert got["text_to_image_median_rank"] == np.floor(np.median(t2i.numpy())) + 1
+            gap = (F.normalize(e.image.double(), dim=1).mean(0) - F.normalize(e.text.double(), dim=1).mean(0)).norm()
+            assert s["modality_gap"][k][d] == pytest.approx(gap.item(), rel=1e-9)
+    # the accuracy matrix: mean R@1 at the base phase end, then at each phase end
     acc = s["accuracy"]
-    assert acc["rows"][0] == "base/phase0_step000100" and len(acc["rows"]) == 3
-    ends = [run_dir / "base/traces/phase0_step000100.safetensors"] + [
-        run_dir / "finetune/traces" / f"{c['stem']}.safetensors" for c in s["checkpoints"][1:] if c["phase_end"]]
-    A = G.accuracy_matrix([read_trace(p) for p in ends])
-    assert torch.allclose(torch.tensor(acc["matrix"], dtype=torch.float64), A)
-    assert acc["bwt"] == pytest.approx(G.bwt(A))
-    # a pair's geometry equals the plain function on the same traces
-    ta, tb = read_trace(ends[0]), read_trace(ends[-1])
-    ref = G.spatial_disorder(ta.domains["domain1"], tb.domains["domain1"])
+    A = accuracy_from_traces([paths[k] for k in ends], a["domains"])
+    assert acc["rows"] == [s["checkpoints"][k]["label"] for k in ends] and acc["row_checkpoints"] == ends
+    assert np.allclose(acc["matrix"], A, atol=1e-6)
+    assert acc["average"] == pytest.approx(np.mean(A[-1]), abs=1e-6)
+    assert acc["bwt"] == pytest.approx(bwt_of(A), abs=1e-6)
+    assert acc["forgetting"] == pytest.approx([max(A[t][d] for t in range(len(A) - 1)) - A[-1][d]
+                                               for d in range(len(a["domains"]))], abs=1e-6)
+    # pairs: rotation angles by arccos; the rest equals the plain function on the same traces
+    assert s["vs_base"][0] is None and s["vs_base"][1] == s["vs_previous"][1]
+    ta, tb = read_trace(paths[0]), read_trace(paths[-1])
     got = s["vs_base"][-1]["domain1"]
+    for mod in ("image", "text"):
+        want = mean_angle(getattr(ta.domains["domain1"], mod), getattr(tb.domains["domain1"], mod))
+        assert got["rotation"][mod]["mean"] == pytest.approx(want, abs=1e-6)
+    prev = s["vs_previous"][-1]["domain0"]["rotation"]["image"]["mean"]
+    assert prev == pytest.approx(mean_angle(read_trace(paths[-2]).domains["domain0"].image,
+                                            tb.domains["domain0"].image), abs=1e-6)
+    ref = G.spatial_disorder(ta.domains["domain1"], tb.domains["domain1"])
     assert got["procrustes"]["image"]["rigid_share"] == pytest.approx(ref["procrustes"]["image"]["rigid_share"])
     assert got["topology_drift"]["text"]["mean"] == pytest.approx(ref["topology_drift"]["text"]["mean"])
+    assert got["cka"] == pytest.approx(ref["cka"]) and got["mutual_knn"] == pytest.approx(ref["mutual_knn"])
+    # the sphere: PCA fitted at the base checkpoint; points on the unit sphere, same geometry as an SVD's
+    base = ta.domains["domain0"]
+    fit = torch.cat([torch.cat([e.image, e.text]) for e in ta.domains.values()])
+    assert a["sphere"]["fit_at"] == "base/phase0_step000100"
+    assert a["sphere"]["explained_variance"] == pytest.approx(explained_variance(fit.float()), rel=1e-4)
+    ids = a["sphere"]["samples"]["domain0"]["ids"]
+    rows = [int((base.ids == i).nonzero()[0, 0]) for i in ids]
+    assert ids == base.ids[torch.linspace(0, 79, 80).round().long()].tolist()  # n = 80 ≤ 100 samples: all
+    pts = torch.tensor(s["sphere"][-1]["domain0"]["image"], dtype=torch.float64)
+    assert torch.allclose(pts.norm(dim=1), torch.ones(len(rows), dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(pts @ pts.T, sphere_gram(tb.domains["domain0"].image[rows].float(), fit.float()), atol=2e-3)
+    # the console summary shows the same numbers, one line per strategy
+    for name, series in a["strategies"].items():
+        g = series["vs_base"][-1]["domain0"]
+        assert (f"  {name:<12} avg R@1 {series['accuracy']['average']:.3f}  BWT {series['accuracy']['bwt']:+.3f}"
+                f"  | domain0 vs base: θ img {g['rotation']['image']['mean']:.1f}°") in out
     assert tree_digest(run_dir) == before  # nothing but analysis/ was written
 
 
-def test_strategy_directory(run_dir, tmp_path):
+def test_strategy_directory_is_that_series_of_the_run(run_dir, run_analysis, tmp_path):
     assert main([str(run_dir / "modx"), "--out", str(tmp_path / "out"), "-q"]) == 0
     a = json.loads((tmp_path / "out" / "analysis.json").read_text())
     assert a["source"]["kind"] == "strategy" and list(a["strategies"]) == ["modx"]
-    assert a["strategies"]["modx"]["checkpoints"][0]["owner"] == "base"
-    assert (tmp_path / "out" / "report.html").is_file()
+    assert a["strategies"]["modx"]["checkpoints"][0]["strategy_dir"] == "base"
+    assert a["strategies"]["modx"] == run_analysis[0]["strategies"]["modx"]
+    assert (tmp_path / "out" / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_analyze_from_python_writes_what_it_returns(run_dir, run_analysis, tmp_path):
+    a = analyze(run_dir / "joint", out=tmp_path, report=False, quiet=True)
+    assert json.loads((tmp_path / "analysis.json").read_text()) == a and not (tmp_path / "report.html").exists()
+    assert a["strategies"]["joint"] == run_analysis[0]["strategies"]["joint"]
 
 
 def test_several_captions_per_image(tmp_path):
@@ -69,10 +185,23 @@ def test_several_captions_per_image(tmp_path):
                          captions_per_image=3)
     assert main([str(root), "-q"]) == 0
     a = json.loads((root / "analysis" / "analysis.json").read_text())
-    pair = a["strategies"]["finetune"]["vs_base"][-1]["domain0"]
+    s = a["strategies"]["finetune"]
+    pair = s["vs_base"][-1]["domain0"]
     assert pair["n_images"] == 30 and pair["n_texts"] == 90
     assert pair["flips"]["image_to_text"]["queries"] == 30 and pair["flips"]["text_to_image"]["queries"] == 90
-    assert len(a["strategies"]["finetune"]["sphere"][0]["domain0"]["text"]) == 30
+    # an image query counts its best caption; each caption's positive is its own image
+    last = read_trace(Path(s["checkpoints"][-1]["path"])).domains["domain0"]
+    assert torch.equal(last.caption_image, torch.arange(30).repeat_interleave(3))
+    i2t, t2i = brute_ranks(last.image, last.text, last.caption_image)
+    got = s["retrieval"][-1]["domain0"]
+    assert got["image_to_text_R@1"] == pytest.approx((i2t == 0).double().mean().item(), abs=1e-6)
+    assert got["text_to_image_R@1"] == pytest.approx((t2i == 0).double().mean().item(), abs=1e-6)
+    # the 3-D view pairs each sampled image with its first caption
+    first = read_trace(Path(s["checkpoints"][0]["path"]))
+    fit = torch.cat([torch.cat([e.image, e.text]) for e in first.domains.values()]).float()
+    pts = torch.tensor(s["sphere"][-1]["domain0"]["text"], dtype=torch.float64)
+    assert pts.shape == (30, 3)
+    assert torch.allclose(pts @ pts.T, sphere_gram(last.text[torch.arange(30) * 3].float(), fit), atol=2e-3)
 
 
 def tiny_state(seed):
@@ -80,10 +209,10 @@ def tiny_state(seed):
     return open_clip.create_model("geomlab-tiny").state_dict()
 
 
-def test_plain_directory_of_open_clip_checkpoints(tmp_path, capsys):
+def test_plain_directory_of_open_clip_checkpoints(tmp_path):
     ckpts = tmp_path / "logs" / "exp" / "checkpoints"
     ckpts.mkdir(parents=True)
-    for epoch in (1, 2):  # open_clip's own save format (DDP-wrapped for epoch 2)
+    for epoch in (1, 2, 10):  # open_clip's own save format (DDP-wrapped for epoch 2); natural order
         sd = tiny_state(epoch)
         if epoch == 2:
             sd = {f"module.{k}": v for k, v in sd.items()}
@@ -94,11 +223,28 @@ def test_plain_directory_of_open_clip_checkpoints(tmp_path, capsys):
     a = json.loads((ckpts / "analysis" / "analysis.json").read_text())
     s = a["strategies"]["checkpoints"]
     assert a["source"]["kind"] == "checkpoints"
-    assert [c["stem"] for c in s["checkpoints"]] == ["epoch_1", "epoch_2"]
+    assert [(c["stem"], c["step"], c["strategy_dir"]) for c in s["checkpoints"]] == [
+        ("epoch_1", 1, "checkpoints"), ("epoch_2", 2, "checkpoints"), ("epoch_10", 10, "checkpoints")]
     assert {c["source"] for c in s["checkpoints"]} == {"embedded"}
-    assert len(a["domains"]) == 5 and len(s["accuracy"]["rows"]) == 2
-    caps = a["sphere"]["samples"][a["domains"][0]]["captions"]
-    assert caps and all(isinstance(c, str) and c for c in caps)
+    probes = shapes.probe_sets(seed=0, image_size=32, probe_size=200, domains=5)
+    assert a["domains"] == [p.name for p in probes]
+    # the embedded traces are the model's own embeddings of the probe sets
+    cached = [read_trace(ckpts / "analysis" / "cache" / "traces" / "checkpoints" / f"{c['stem']}.safetensors")
+              for c in s["checkpoints"]]
+    model = open_clip.create_model("geomlab-tiny").eval()
+    model.load_state_dict(tiny_state(1))
+    with torch.no_grad():
+        want = F.normalize(model.encode_image(torch.stack([probes[0].images[i] for i in range(4)])), dim=-1)
+    assert torch.allclose(cached[0].domains[probes[0].name].image[:4].float(), want, atol=2e-3)
+    # one accuracy row per checkpoint, from those traces; no BWT without phases
+    A = [[mean_r1(t.domains[d]) for d in a["domains"]] for t in cached]
+    assert s["accuracy"]["rows"] == ["epoch_1", "epoch_2", "epoch_10"]
+    assert np.allclose(s["accuracy"]["matrix"], A, atol=1e-6) and s["accuracy"]["bwt"] is None
+    # hover captions: the probe set's caption of each sampled pair
+    d0 = probes[0]
+    samples = a["sphere"]["samples"][d0.name]
+    rows = [int((d0.ids == i).nonzero()[0, 0]) for i in samples["ids"]]
+    assert samples["captions"] == [d0.captions[int((d0.caption_image == r).nonzero()[0, 0])] for r in rows]
     # a second run reads the cached embeddings
     assert main([str(ckpts), "--model", "geomlab-tiny", "--probe", "shapes", "-q", "--no-report"]) == 0
     a2 = json.loads((ckpts / "analysis" / "analysis.json").read_text())
@@ -112,18 +258,29 @@ def test_run_without_traces_embeds_checkpoints(tmp_path):
     root = tmp_path / "run"
     root.mkdir()
     (root / "config.toml").write_text("[data]\nprobe_size = 40\n\n[data.shapes]\ndomains = 2\n")
-    for where, phase, seed in (("base", 0, 0), ("finetune", 1, 1), ("finetune", 2, 2)):
-        atomic_torch_save(root / where / "checkpoints" / f"phase{phase}_step000010.pt",
+    run = RunDir(root)
+    for strategy_dir, phase, seed in (("base", 0, 0), ("finetune", 1, 1), ("finetune", 2, 2)):
+        atomic_torch_save(run.checkpoint_path(strategy_dir, phase, 10),
                           {"state_dict": tiny_state(seed), "name": "geomlab-tiny", "phase": phase, "step": 10,
-                           "strategy": where, "phase_end": True, "epoch": phase})
-    (root / "run.json").write_text(json.dumps({"strategies": ["finetune"], "completed": {"base": [0], "finetune": [1, 2]}}))
+                           "strategy": strategy_dir, "phase_end": True, "epoch": phase})
+    (root / "run.json").write_text(json.dumps({"strategies": ["finetune"],
+                                               "completed": {"base": [0], "finetune": [1, 2]}}))
     before = tree_digest(root)
     assert main([str(root), "-q", "--no-report"]) == 0
     a = json.loads((root / "analysis" / "analysis.json").read_text())
-    assert len(a["domains"]) == 2 and a["sphere"]["samples"][a["domains"][0]]["captions"]
+    probes = shapes.probe_sets(seed=0, image_size=32, probe_size=40, domains=2)
+    assert a["domains"] == [p.name for p in probes]
+    d0 = probes[0]
+    samples = a["sphere"]["samples"][d0.name]
+    assert samples["captions"] == [d0.captions[int((d0.ids == i).nonzero()[0, 0])] for i in samples["ids"]]
     s = a["strategies"]["finetune"]
-    assert [c["label"] for c in s["checkpoints"]] == ["base/phase0_step000010", "phase1_step000010", "phase2_step000010"]
-    assert len(s["accuracy"]["rows"]) == 3
+    assert [c["label"] for c in s["checkpoints"]] == ["base/phase0_step000010", "phase1_step000010",
+                                                      "phase2_step000010"]
+    cached = [root / "analysis" / "cache" / "traces" / c["strategy_dir"] / f"{c['stem']}.safetensors"
+              for c in s["checkpoints"]]
+    A = accuracy_from_traces(cached, a["domains"])
+    assert np.allclose(s["accuracy"]["matrix"], A, atol=1e-6)
+    assert s["accuracy"]["bwt"] == pytest.approx(bwt_of(A), abs=1e-6)
     assert tree_digest(root) == before
     assert not list(root.glob("*/traces"))  # embeddings are cached under analysis/, never beside checkpoints
 
@@ -149,5 +306,5 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
             needle = "--model"
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("geomlab.analyze: error:") and needle in err
+    assert len(err.splitlines()) == 1 and err.startswith("geomlab.analyze: error: ") and needle in err
     assert not (d / "analysis").exists()

@@ -1,4 +1,4 @@
-"""Real image-text data (SPEC §4, issue 5): COCO, Karpathy JSON, CSV and webdataset readers, phase
+"""Real image-text data (issue 5): COCO, Karpathy JSON, CSV and webdataset readers, phase
 builders, multi-caption retrieval, bad input. Tiny datasets of real JPEG/PNG files in tmp_path."""
 from __future__ import annotations
 
@@ -307,7 +307,7 @@ def test_train_on_every_format_then_analyze(tmp_path):
     from geomlab.io import load_checkpoint
     from geomlab.models import create_model, state_dict_of
     from geomlab.traces import read_trace
-    model, tok = create_model("geomlab-tiny")
+    model, _, tok = create_model("geomlab-tiny")
     ckpt = out / "modx" / "checkpoints" / "phase5_step000002.pt"
     model.load_state_dict(state_dict_of(load_checkpoint(ckpt)))
     stream = build_stream("datasets", load_config(cfg)["data"], image_size=32, preprocess=None, seed=0)

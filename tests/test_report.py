@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from geomlab.analyze import analyse, discover, load_traces, Embedder
+from geomlab.analyze import analyze
 from geomlab.data import ProbeSet
 from geomlab.figures import figures, write_report
+from geomlab.geometry.sphere import SphereProjection
 from geomlab.geometry.synthetic import synthetic_run
+from geomlab.rundir import RunDir
+from geomlab.traces import read_trace
 
 EVIL_STRATEGY = "x<img src=x onerror=document.body.setAttribute('data-pwned','strategy')>"
 EVIL_CAPTIONS = [
@@ -34,14 +37,15 @@ def find_chromium():
 def report(tmp_path_factory):
     root = synthetic_run(tmp_path_factory.mktemp("runs") / "evil", strategies=("finetune", EVIL_STRATEGY),
                          checkpoints=4, domains=3, n=40, d=16, seed=2)
-    source = discover(root)
-    traces = load_traces(source, Embedder(root / "analysis" / "cache", None, None, None, "cpu"), quiet=True)
-    first = traces[source.series["finetune"][0].key][0]
-    captions = {}
-    for d, e in first.domains.items():
-        caps = [EVIL_CAPTIONS[i % len(EVIL_CAPTIONS)] for i in range(len(e.ids))]
-        captions[d] = ProbeSet(d, None, caps, torch.arange(len(e.ids)), e.ids.clone())
-    a = analyse(source, traces, captions=captions, quiet=True)
+    a = analyze(root, report=False, quiet=True)
+    # captions as the probe data would give them, every one of them hostile
+    first = read_trace(RunDir(root).trace_path("base", 0, 100))
+    captions = {d: ProbeSet(d, None, [EVIL_CAPTIONS[i % len(EVIL_CAPTIONS)] for i in range(len(e.ids))],
+                            torch.arange(len(e.ids)), e.ids.clone())
+                for d, e in first.domains.items()}
+    samples = SphereProjection.fit(first).samples(first, captions)
+    assert all(samples[d]["ids"] == a["sphere"]["samples"][d]["ids"] for d in samples)  # the pairs analyze shows
+    a["sphere"]["samples"] = samples
     path = write_report(a, root / "analysis" / "report.html")
     return path, a
 
@@ -54,8 +58,27 @@ def test_report_is_offline_and_escaped(report):
     assert len(re.findall(r"plotly\.js v\d", text)) == 1  # ... once
     for raw in EVIL_CAPTIONS[:2] + [EVIL_STRATEGY]:
         assert raw not in text
-    assert a["sphere"]["samples"]["domain0"]["captions"][0] == EVIL_CAPTIONS[0]  # the data keeps the raw text
+    ids = a["sphere"]["samples"]["domain0"]["ids"]
+    assert a["sphere"]["samples"]["domain0"]["captions"] == [EVIL_CAPTIONS[i % 3] for i in range(len(ids))]
+    assert [name for _, name, _ in figures(a)[-len(a["strategies"]):]] == [f"Sphere: {s}" for s in a["strategies"]]
     assert len(figures(a)) == 8 + len(a["strategies"])
+
+
+def test_summary_table_shows_the_headline_numbers(report):
+    path, a = report
+    text = path.read_text()
+    table = re.search(r"<table>(.*?)</table>", text, re.S).group(1)
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    assert len(rows) == len(a["strategies"])
+    for row, (name, s) in zip(rows, a["strategies"].items()):
+        cells = re.findall(r"<td>(.*?)</td>", row, re.S)
+        acc, g = s["accuracy"], s["vs_base"][-1]["domain0"]
+        auc = g["flips"]["image_to_text"]["auc_alignment_drift"]
+        assert cells[1:] == [str(len(s["checkpoints"])), f"{acc['average']:.3f}", f"{acc['mean_forgetting']:.3f}",
+                             f"{acc['bwt']:+.3f}", f"{g['rotation']['image']['mean']:.1f}",
+                             f"{g['rotation']['text']['mean']:.1f}", f"{g['procrustes']['image']['rigid_share']:.2f}",
+                             f"{g['deviation']['desync']['mean']:.1f}",
+                             f"{g['flips']['image_to_text']['forgotten']:.2f}", "–" if auc is None else f"{auc:.2f}"]
 
 
 def test_report_renders_in_headless_chromium(report, tmp_path):

@@ -15,6 +15,7 @@ import torch
 import geomlab  # noqa: F401  (registers geomlab's model configs with open_clip)
 from geomlab import train
 from geomlab.io import load_checkpoint
+from geomlab.rundir import RunDir
 from geomlab.traces import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_output_dir_of_a_different_run_is_refused_untouched(tmp_path):
     assert same_without_resume.returncode == 2 and "--resume" in same_without_resume.stderr
     assert snapshot(out) == before
 
-    # The run's layout (SPEC §3), and what the files hold.
+    # The run's layout (docs/definitions.md, "Run directory"), and what the files hold.
     for rel in ["config.toml", "run.json", "base/state.pt", "base/metrics.jsonl", "finetune/metrics.jsonl"]:
         assert (out / rel).is_file(), rel
     info = json.loads((out / "run.json").read_text())
@@ -161,15 +162,15 @@ def test_torchrun_two_ranks_follows_the_single_process_run(tmp_path):
 def test_metrics_logged_after_the_resume_point_are_dropped(tmp_path):
     """A crash after some train lines but before the next state: those lines are logged again on
     resume, so they must go, including a torn last line and lines of a phase not yet checkpointed."""
-    from geomlab.rundir import RunDir
     run = RunDir(tmp_path)
-    d = run.strategy_dir("modx")
+    metrics = run.metrics_path("modx")
+    metrics.parent.mkdir(parents=True)
     rows = [{"kind": "train", "phase": 1, "step": s} for s in (1, 2, 3, 4)] + \
            [{"kind": "train", "phase": 2, "step": s} for s in (1, 2)]
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tr')
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tr')
     run.truncate_metrics("modx", 2, 0)
-    kept = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    kept = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert [(r["phase"], r["step"]) for r in kept] == [(1, 1), (1, 2), (1, 3), (1, 4)]
     run.truncate_metrics("modx", 1, 2)
-    kept = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    kept = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert [(r["phase"], r["step"]) for r in kept] == [(1, 1), (1, 2)]

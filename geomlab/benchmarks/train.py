@@ -20,13 +20,15 @@ import time
 
 import torch
 
+from geomlab.runtime import DEVICES
+
 from .common import print_table, write_json
 
 TARGETS = {"finetune": ("bare", 1.15), "modx": ("finetune", 1.5)}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--model", default="geomlab-tiny")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
@@ -111,7 +113,7 @@ def _variants(trainer):
         trainer.model.load_state_dict(base_weights)
         model = copy.deepcopy(trainer.model).train()
         trainer.model = model
-        strategy = trainer.make_strategy(name, 1)
+        strategy = trainer.make_strategy(name)
         opt = make_optimizer(model, cfg)
 
         def step(i, images, tokens, model=model, strategy=strategy, opt=opt):
@@ -126,7 +128,7 @@ def _variants(trainer):
 def run(args) -> int:
     trainer = _trainer(args)
     variants, data = _variants(trainer)
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     blocks = {name: [] for name in variants}
     for name, step in variants.items():  # warm-up
         for i, (images, tokens) in enumerate(trainer.batches(data, 0, 0, 3)):

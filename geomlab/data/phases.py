@@ -1,4 +1,4 @@
-"""The "datasets" stream: phases and probe sets built from real image-text sources (SPEC §4).
+"""The "datasets" stream: phases and probe sets built from real image-text sources.
 
 Config (geomlab.config SCHEMA, experiments/README.md):
 

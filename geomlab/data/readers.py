@@ -1,4 +1,4 @@
-"""Readers of real image-text data (SPEC §4): COCO captions, Karpathy-split JSON, CSV/TSV lists,
+"""Readers of real image-text data: COCO captions, Karpathy-split JSON, CSV/TSV lists,
 webdataset tar shards.
 
 Every reader turns its source into a list of `Record`s: one per image, holding where the image is
@@ -331,13 +331,6 @@ def verify_records(records: list[Record], *, source: str, bad: Bad, threads: int
 
 
 # ----------------------------------------------------------------------------- transforms
-
-def model_transforms(model) -> dict:
-    """open_clip's (train, val) image transforms for `model`, as create_model_and_transforms builds them."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-    cfg = PreprocessCfg(**model.visual.preprocess_cfg)
-    return {"train": image_transform_v2(cfg, is_train=True), "val": image_transform_v2(cfg, is_train=False)}
-
 
 def resolve_transforms(preprocess, image_size: int) -> dict:
     """{"train", "val"} from what the trainer passes: such a dict, one callable for both, or None

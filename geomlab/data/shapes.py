@@ -1,4 +1,4 @@
-"""ShapeWorld: the embedded, procedurally rendered continual-learning stream (SPEC §4).
+"""ShapeWorld: the embedded, procedurally rendered continual-learning stream.
 
 Each image shows one object on a textured background; its caption names the object's shape,
 colour, size, grid position and the background. There are five domains (``DOMAINS``), each with its

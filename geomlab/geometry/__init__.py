@@ -1,4 +1,4 @@
-"""Spatial Disorder, retrieval and forgetting measures as plain functions over tensors (SPEC §5.5).
+"""Spatial Disorder, retrieval and forgetting measures as plain functions over tensors.
 
     from geomlab.geometry import rotation_angles, procrustes, spatial_disorder
     theta = rotation_angles(image_a, image_b)          # degrees, per sample

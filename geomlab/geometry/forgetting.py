@@ -1,4 +1,5 @@
-"""Accuracy matrix, forgetting and backward transfer (SPEC §5.3)."""
+"""Accuracy matrix, forgetting and backward transfer (docs/definitions.md, "Accuracy matrix",
+"Forgetting and BWT")."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence

@@ -1,23 +1,20 @@
-"""Spatial Disorder (SPEC §5.2): how the image and text spaces move from checkpoint a to checkpoint b.
+"""Spatial Disorder: how the image and text spaces move from checkpoint a to checkpoint b.
 
 Every function takes plain tensors (rows = samples; row i of `a` and `b` is the same probe sample)
 and normalises its inputs to unit length first, so float16 traces can be passed as they are.
 Angles are in degrees. Nothing N×N is held in memory: topology drift and k-NN work tile by tile.
+The definitions, with their conventions and degenerate cases, are in docs/definitions.md.
 """
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from geomlab import kernels
+from geomlab.runtime import cpu_workers, map_threads
 
 from .stats import quantile_from_hist, summarize
 
@@ -57,27 +54,6 @@ def rotation_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # topology drift
 
 
-def default_workers() -> int:
-    """Threads for tiled work: the cores this process may use, at most 4."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 4))
-
-
-@contextmanager
-def single_threaded_torch():
-    """torch intra-op threads = 1 inside (callers parallelise over Python threads instead: torch
-    releases the GIL, and two cores shared by several processes lose badly to OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class _DriftAcc:
     def __init__(self, nbins: int, bin_width: float):
         self.hist = torch.zeros(nbins, dtype=torch.long)
@@ -104,14 +80,16 @@ def _drift(s_old: torch.Tensor, s_new: torch.Tensor) -> torch.Tensor:
     return d.abs_().mul_(DEG)
 
 
-def _drift_rows(x, y, i0, i1, tile, acc: _DriftAcc) -> None:
-    """Pairs (i, j) with i in [i0, i1) and j > i."""
+def _drift_rows(x, y, i0, i1, tile, nbins: int, bin_width: float) -> _DriftAcc:
+    """The drift of pairs (i, j) with i in [i0, i1) and j > i."""
+    acc = _DriftAcc(nbins, bin_width)
     n = x.shape[0]
     diag = _drift(x[i0:i1] @ x[i0:i1].T, y[i0:i1] @ y[i0:i1].T)
     acc.add(diag[torch.triu(torch.ones_like(diag, dtype=torch.bool), diagonal=1)])
     for j0 in range(i1, n, 4 * tile):
         j1 = min(j0 + 4 * tile, n)
         acc.add(_drift(x[i0:i1] @ x[j0:j1].T, y[i0:i1] @ y[j0:j1].T))
+    return acc
 
 
 def topology_drift(a_old: torch.Tensor, a_new: torch.Tensor, *, exact_limit: int = 20_000,
@@ -134,30 +112,14 @@ def topology_drift(a_old: torch.Tensor, a_new: torch.Tensor, *, exact_limit: int
     nbins = int(math.ceil(180.0 / bin_width)) + 1
     acc = _DriftAcc(nbins, bin_width)
     exact = n <= exact_limit
-    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = cpu_workers() if workers is None else max(1, int(workers))
     with torch.no_grad():
         if exact:
-            starts = list(range(0, n, tile))
-            if workers == 1 or len(starts) < 2:
-                for i0 in starts:
-                    _drift_rows(x, y, i0, min(i0 + tile, n), tile, acc)
-            else:
-                accs = [_DriftAcc(nbins, bin_width) for _ in range(workers)]
-                queue = iter(starts)
-                lock = threading.Lock()
+            def row_tile(i0):
+                return _drift_rows(x, y, i0, min(i0 + tile, n), tile, nbins, bin_width)
 
-                def work(k):
-                    while True:
-                        with lock:
-                            i0 = next(queue, None)
-                        if i0 is None:
-                            return
-                        _drift_rows(x, y, i0, min(i0 + tile, n), tile, accs[k])
-
-                with single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(work, range(workers)))
-                for a in accs:
-                    acc.merge(a)
+            for part in map_threads(row_tile, range(0, n, tile), workers):  # merged in row order
+                acc.merge(part)
         else:
             gen = torch.Generator().manual_seed(seed)
             remaining = max(int(sample_pairs), 10_000_000)
@@ -329,20 +291,17 @@ def inter_modal_deviation(image_a: torch.Tensor, text_a: torch.Tensor, image_b: 
 
 
 def roc_auc(labels: torch.Tensor, scores: torch.Tensor) -> float | None:
-    """ROC AUC of `scores` for binary `labels` (Mann–Whitney U with mid-ranks for ties):
-    AUC = (Σ rank(positives) − P(P+1)/2) / (P·N). None when only one class is present."""
-    from scipy.stats import rankdata
+    """ROC AUC of `scores` for binary `labels`: scikit-learn's roc_auc_score (a tie between a
+    positive and a negative counts one half). None when only one class is present, where the AUC
+    is undefined (scikit-learn raises)."""
+    # Imported here: scikit-learn takes seconds to import and only the analysis needs it, while
+    # every training process imports geomlab.geometry.
+    from sklearn.metrics import roc_auc_score
 
     y = torch.as_tensor(labels).cpu().numpy().astype(bool).ravel()
-    pos = int(y.sum())
-    neg = y.size - pos
-    if pos == 0 or neg == 0:
+    if y.all() or not y.any():
         return None
-    r = rankdata(torch.as_tensor(scores).detach().double().cpu().numpy().ravel())
-    return float((r[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
-_auc = roc_auc
+    return float(roc_auc_score(y, torch.as_tensor(scores).detach().double().cpu().numpy().ravel()))
 
 
 def flips(image_a: torch.Tensor, text_a: torch.Tensor, image_b: torch.Tensor, text_b: torch.Tensor,
@@ -352,7 +311,7 @@ def flips(image_a: torch.Tensor, text_a: torch.Tensor, image_b: torch.Tensor, te
 
     For direction x ∈ {image_to_text, text_to_image}: correct = (rank of the positive == 0);
     forgotten = |correct_a ∧ ¬correct_b| / |correct_a|, learned = |¬correct_a ∧ correct_b| / |¬correct_a|;
-    auc_alignment_drift / auc_mismatch = ROC AUC (`roc_auc`, equal to sklearn's) with which Δφ / δ predict "forgotten"
+    auc_alignment_drift / auc_mismatch = ROC AUC (`roc_auc`) with which Δφ / δ predict "forgotten"
     among queries correct at a (an image query scores the mean over its captions); None when
     that set holds only one class. Masks `forgotten_mask` / `learned_mask` are returned too.
     """
@@ -381,8 +340,8 @@ def flips(image_a: torch.Tensor, text_a: torch.Tensor, image_b: torch.Tensor, te
             "n_forgotten": int(forgotten.sum()), "n_learned": int(learned.sum()),
             "forgotten": float(forgotten.sum()) / max(int(ca.sum()), 1),
             "learned": float(learned.sum()) / max(int((~ca).sum()), 1),
-            "auc_alignment_drift": _auc(forgotten[ca], drift_score[ca]),
-            "auc_mismatch": _auc(forgotten[ca], mismatch_score[ca]),
+            "auc_alignment_drift": roc_auc(forgotten[ca], drift_score[ca]),
+            "auc_mismatch": roc_auc(forgotten[ca], mismatch_score[ca]),
             "forgotten_mask": forgotten, "learned_mask": learned,
         }
     return out
@@ -402,7 +361,7 @@ def _parts(x, caption_image):
 def spatial_disorder(a, b, *, caption_image: torch.Tensor | None = None, k: int = 10,
                      exact_limit: int = 20_000, sample_pairs: int = 10_000_000, seed: int = 0,
                      ranks_a=None, ranks_b=None, backend: str = "auto", workers: int | None = None) -> dict:
-    """Everything of SPEC §5.2 for one checkpoint pair a → b, as a JSON-ready dict.
+    """Every Spatial Disorder measure for one checkpoint pair a → b, as a JSON-ready dict.
 
     `a`, `b`: `DomainEmbeddings` (or (image, text[, caption_image]) tuples) of the same probe set.
     Keys: rotation, topology_drift, procrustes, cka, mutual_knn (each {"image", "text"}),
@@ -436,9 +395,3 @@ def spatial_disorder(a, b, *, caption_image: torch.Tensor | None = None, k: int 
     }
     out["flips"] = {d: {k2: v for k2, v in f.items() if not k2.endswith("_mask")} for d, f in fl.items()}
     return out
-
-
-def numpy_eigen_angles(rotation) -> np.ndarray:
-    """Reference: |angle| of the complex eigenvalues of `rotation` (numpy.linalg.eigvals), degrees, descending."""
-    w = np.linalg.eigvals(np.asarray(rotation, dtype=np.float64))
-    return np.sort(np.abs(np.angle(w, deg=True)))[::-1]

@@ -1,4 +1,5 @@
-"""Retrieval metrics (SPEC §5.3), named as open_clip's get_clip_metrics names them."""
+"""Retrieval metrics, named as open_clip's get_clip_metrics names them (docs/definitions.md,
+"Retrieval ranks and ties")."""
 from __future__ import annotations
 
 import torch

@@ -5,13 +5,14 @@ spaces desynchronise) plus noise that grows on the first probe set (so it is for
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from geomlab.traces import DomainEmbeddings, Trace, checkpoint_stem, write_trace
+from geomlab.io import atomic_write_json
+from geomlab.rundir import RunDir
+from geomlab.traces import DomainEmbeddings, Trace, write_trace
 
 
 def small_rotation(d: int, angle: float, gen: torch.Generator) -> torch.Tensor:
@@ -30,7 +31,7 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
     phases 1..domains-1, spread evenly. With `captions_per_image` > 1 the traces carry
     `caption_image`. Returns `root`.
     """
-    root = Path(root)
+    run = RunDir(root)
     gen = torch.Generator().manual_seed(seed)
     names = [f"domain{k}" for k in range(domains)]
     base = {}
@@ -46,7 +47,7 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
                                                  None if caption_image is None else caption_image.clone())
                               for k, v in state.items()}, phase=phase, step=step, model="geomlab-tiny")
 
-    write_trace(root / "base" / "traces" / f"{checkpoint_stem(0, 100)}.safetensors", trace(base, 0, 100))
+    write_trace(run.trace_path("base", 0, 100), trace(base, 0, 100))
     phases = max(domains - 1, 1)
     per_phase = [(checkpoints - 1) // phases + (1 if p < (checkpoints - 1) % phases else 0) for p in range(phases)]
     completed = {"base": [0]}
@@ -64,9 +65,9 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
                     txt = F.normalize(txt @ rt + noise * torch.randn(txt.shape, generator=gen, dtype=torch.float64), dim=1)
                     new[k] = (img, txt, ids)
                 state = new
-                write_trace(root / strategy / "traces" / f"{checkpoint_stem(p, 50 * c)}.safetensors", trace(state, p, 50 * c))
+                write_trace(run.trace_path(strategy, p, 50 * c), trace(state, p, 50 * c))
         completed[strategy] = list(range(1, phases + 1))
-    run = {"strategies": list(strategies), "phases": names, "probes": names, "completed": completed, "seed": seed,
-           "device": "cpu", "model": "geomlab-tiny", "versions": {}}
-    (root / "run.json").write_text(json.dumps(run, indent=2))
-    return root
+    info = {"strategies": list(strategies), "phases": names, "probes": names, "completed": completed, "seed": seed,
+            "device": "cpu", "model": "geomlab-tiny", "versions": {}}
+    atomic_write_json(run.run_json_path, info)
+    return run.root

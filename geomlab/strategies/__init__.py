@@ -1,8 +1,9 @@
-"""Continual strategies: one short module each (SPEC §2).
+"""Continual strategies: one short module each.
 
-A strategy is built once per phase, with what that phase needs, and answers two questions:
-which data does this phase train on (`train_data`), and what is the loss of a batch (`loss`).
-Nothing is shared between phases except the model weights the trainer carries.
+A strategy is built once per phase, from what that phase needs (`PhaseContext`) and its own config
+section as keyword arguments, and answers two questions: which data does this phase train on
+(`train_data`), and what is the loss of a batch (`loss`). Nothing is shared between phases except
+the model weights the trainer carries.
 """
 from __future__ import annotations
 

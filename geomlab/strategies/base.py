@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import abc
-
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,23 +33,24 @@ class Features:
         return {"image_all": self.image_all, "text_all": self.text_all, "row_offset": self.row_offset}
 
 
-@dataclass
+@dataclass(frozen=True)
 class PhaseContext:
+    """What the trainer gives every strategy at the start of a phase."""
     stream: Stream
-    phase: int                                  # 1..T for continual phases, 0 for the base phase
-    options: dict                               # the strategy's own config section
-    previous_model: Callable[[], torch.nn.Module]  # frozen snapshot of the model at phase start
-    encode: Callable                             # encode(model, images, tokens) -> (image, text) features
+    previous_model: torch.nn.Module | None          # frozen copy of the phase-start model (None unless
+                                                    # the strategy sets needs_previous_model)
+    encode: Callable                                # encode(model, images, tokens) -> (image, text) features
     gather: Callable[[torch.Tensor], torch.Tensor]  # all-gather across ranks (identity on one process)
-    kernel_backend: str = "auto"
 
 
 class Strategy(abc.ABC):
+    """Built once per phase as `cls(context, **config[cls.name])`: a strategy's options are the
+    keyword arguments of its constructor, named as the keys of its config section."""
     name: str = ""
     needs_previous_model: bool = False  # True: the trainer snapshots the phase-start model for it
 
-    def __init__(self, ctx: PhaseContext):
-        self.ctx = ctx
+    def __init__(self, context: PhaseContext):
+        self.context = context
 
     @classmethod
     def train_data(cls, stream: Stream, phase: int) -> Dataset:

@@ -8,6 +8,5 @@ class Finetune(Strategy):
     name = "finetune"
 
     def loss(self, images, tokens, feats):
-        clip = kernels.clip_loss(feats.image, feats.text, feats.logit_scale, **feats.columns(),
-                                 backend=self.ctx.kernel_backend)
+        clip = kernels.clip_loss(feats.image, feats.text, feats.logit_scale, **feats.columns())
         return clip, {"clip": clip}

@@ -1,30 +1,31 @@
-"""Mod-X (SPEC §5.1): CLIP loss plus the KL from the old model's in-batch similarity distribution,
-on the rows the old model still retrieves correctly. The old model is the frozen snapshot taken at
-the start of the phase."""
+"""Mod-X: the CLIP loss plus α times the KL from the old model's in-batch similarity distribution,
+on the rows the old model still retrieves correctly (docs/definitions.md, "Mod-X loss"). The old
+model is the frozen copy of the phase-start model."""
 import torch
 
 from geomlab import kernels
 
-from .base import Strategy
+from .base import PhaseContext, Strategy
 
 
 class ModX(Strategy):
     name = "modx"
     needs_previous_model = True
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.old_model = ctx.previous_model()
+    def __init__(self, context: PhaseContext, *, alpha: float, temperature: float, reduction: str,
+                 off_diagonal_only: bool):
+        super().__init__(context)
+        self.old_model = context.previous_model
+        self.alpha, self.temperature = alpha, temperature
+        self.reduction, self.off_diagonal_only = reduction, off_diagonal_only
 
     def loss(self, images, tokens, feats):
         with torch.no_grad():
-            image_old, text_old = self.ctx.encode(self.old_model, images, tokens)
-        o = self.ctx.options
+            image_old, text_old = self.context.encode(self.old_model, images, tokens)
         columns = feats.columns()
         if columns:
-            columns.update(image_old_all=self.ctx.gather(image_old), text_old_all=self.ctx.gather(text_old))
-        total, parts = kernels.modx_loss(
+            columns.update(image_old_all=self.context.gather(image_old), text_old_all=self.context.gather(text_old))
+        return kernels.modx_loss(
             feats.image, feats.text, image_old, text_old, feats.logit_scale,
-            alpha=o["alpha"], temperature=o["temperature"], reduction=o["reduction"],
-            off_diagonal_only=o["off_diagonal_only"], **columns, backend=self.ctx.kernel_backend)
-        return total, parts
+            alpha=self.alpha, temperature=self.temperature, reduction=self.reduction,
+            off_diagonal_only=self.off_diagonal_only, **columns)
