@@ -1,11 +1,12 @@
-"""python -m geomlab.bench {kernels,train,analyze}: speed and memory figures, printed and as JSON."""
+"""python -m geomlab.bench {kernels,train,analyze,gpu}: speed and memory figures, printed and as JSON
+(gpu: the one-shot check for a CUDA machine, and the sm_90 compile report)."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-SUITES = ("kernels", "train", "analyze")
+SUITES = ("kernels", "train", "analyze", "gpu")
 
 
 def main(argv=None) -> int:

@@ -13,10 +13,10 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import losses_torch, ranking_torch, reference
-from .losses import MODX_ALPHA, REDUCTIONS, ModxOptions
+from .losses import MODX_ALPHA, REDUCTIONS, SELECTIONS, ModxOptions
 
 __all__ = ["clip_loss", "modx_kl", "modx_loss", "similarity", "topk", "retrieval_ranks",
-           "ModxOptions", "MODX_ALPHA", "REDUCTIONS", "BACKENDS"]
+           "ModxOptions", "MODX_ALPHA", "REDUCTIONS", "SELECTIONS", "BACKENDS"]
 
 
 class Backend(NamedTuple):
@@ -81,10 +81,12 @@ def clip_loss(image, text, logit_scale, *, backend="auto", image_all=None, text_
 
 def modx_kl(image, text, image_old, text_old, *, temperature=ModxOptions.temperature,
             reduction=ModxOptions.reduction, off_diagonal_only=ModxOptions.off_diagonal_only,
-            backend="auto", image_all=None, text_all=None, image_old_all=None, text_old_all=None,
-            row_offset=0):
-    """½ (KL_i2t + KL_t2i) of the Mod-X loss (data-parallel keywords as for clip_loss)."""
-    options = ModxOptions(temperature=temperature, reduction=reduction, off_diagonal_only=off_diagonal_only)
+            selection=ModxOptions.selection, backend="auto", image_all=None, text_all=None,
+            image_old_all=None, text_old_all=None, row_offset=0):
+    """½ (KL_i2t + KL_t2i) of the Mod-X loss (data-parallel keywords as for clip_loss);
+    selection="all" keeps every row (the distillation of LwF and ZSCL)."""
+    options = ModxOptions(temperature=temperature, reduction=reduction, off_diagonal_only=off_diagonal_only,
+                          selection=selection)
     kl_i2t, kl_t2i, _, _ = _backend(backend, image).modx_kl_parts(
         image, text, image_old, text_old, options, image_all=image_all, text_all=text_all,
         image_old_all=image_old_all, text_old_all=text_old_all, row_offset=row_offset)
@@ -93,11 +95,13 @@ def modx_kl(image, text, image_old, text_old, *, temperature=ModxOptions.tempera
 
 def modx_loss(image, text, image_old, text_old, logit_scale, *, alpha=MODX_ALPHA,
               temperature=ModxOptions.temperature, reduction=ModxOptions.reduction,
-              off_diagonal_only=ModxOptions.off_diagonal_only, backend="auto", image_all=None,
-              text_all=None, image_old_all=None, text_old_all=None, row_offset=0):
+              off_diagonal_only=ModxOptions.off_diagonal_only, selection=ModxOptions.selection,
+              backend="auto", image_all=None, text_all=None, image_old_all=None, text_old_all=None,
+              row_offset=0):
     """(total, parts): total = clip + alpha·½(kl_i2t + kl_t2i); parts = clip, kl_i2t, kl_t2i,
     kept_i2t, kept_t2i (kept counts are local rows under data parallelism)."""
-    options = ModxOptions(temperature=temperature, reduction=reduction, off_diagonal_only=off_diagonal_only)
+    options = ModxOptions(temperature=temperature, reduction=reduction, off_diagonal_only=off_diagonal_only,
+                          selection=selection)
     clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i = _backend(backend, image).modx_loss_parts(
         image, text, image_old, text_old, logit_scale, options, image_all=image_all, text_all=text_all,
         image_old_all=image_old_all, text_old_all=text_old_all, row_offset=row_offset)

@@ -7,7 +7,8 @@ against columns Y (B×d), the positive of row i at column row_offset + i,
 
   ce_i   = LSE_j(s·S_ij) − s·S_i,diag                                    (cross-entropy)
   kl_i   = mask_i · Σ_j P'_ij (log P'_ij − log P_ij),  P = softmax(S/τ), P' = softmax(S'/τ)
-  mask_i = [argmax_j S'_ij == diag]  (first index on ties)
+  mask_i = [argmax_j S'_ij == diag]  (first index on ties; selection "correct", Mod-X)
+  mask_i = 1                                          (selection "all", LwF and ZSCL)
 
 with S = X Yᵀ and S' = X' Y'ᵀ (the old model), and returns (Σ_i ce_i, Σ_i kl_i, kept). `RowLosses`
 turns two direction calls (or one call of a fused both-directions function) into the public
@@ -28,6 +29,9 @@ MODX_ALPHA = 20.0
 #: How the masked per-row KLs of one direction are reduced: their sum, their mean over all B rows,
 #: or their mean over the kept rows.
 REDUCTIONS = ("sum", "mean", "kept_mean")
+#: Which rows the KL term keeps: those the old model still retrieves correctly (Mod-X), or every
+#: row (the distillation of LwF and ZSCL).
+SELECTIONS = ("correct", "all")
 
 #: elements of one R×B tile buffer of the torch-side tiles (16 MiB in fp32): R must be large for
 #: the GEMMs to run at full speed.
@@ -41,11 +45,13 @@ class ModxOptions:
     temperature: float = 1.0
     reduction: str = "sum"
     off_diagonal_only: bool = False
+    selection: str = "correct"
 
     def __post_init__(self):
-        if self.reduction not in REDUCTIONS:
-            names = ", ".join(map(repr, REDUCTIONS[:-1])) + f" or {REDUCTIONS[-1]!r}"
-            raise ValueError(f"reduction must be {names}, got {self.reduction!r}")
+        for key, valid in (("reduction", REDUCTIONS), ("selection", SELECTIONS)):
+            if getattr(self, key) not in valid:
+                names = ", ".join(map(repr, valid[:-1])) + f" or {valid[-1]!r}"
+                raise ValueError(f"{key} must be {names}, got {getattr(self, key)!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -157,7 +163,9 @@ def loss_parts(direction, fused, image, text, image_old, text_old, logit_scale, 
     if options.reduction == "mean":
         kl_i, kl_t = kl_i / B, kl_t / B
     elif options.reduction == "kept_mean":
-        if dp:
+        if options.selection == "all":
+            n_i = n_t = torch.tensor(B, device=image.device)
+        elif dp:
             n_i = _row_argmax_kept(image_old_all, text_old_all)
             n_t = _row_argmax_kept(text_old_all, image_old_all)
         else:
@@ -179,10 +187,18 @@ class RowLosses:
         fused(image, text, image_old, text_old, scale, options, want_ce)
             → (Σ ce_i2t, Σ ce_t2i, Σ kl_i2t, Σ kl_t2i, kept_i2t, kept_t2i)
 
-    (`options` None: no KL term; `scale` is a tensor)."""
+    (`options` None: no KL term; `scale` is a tensor). `selections`: the KL row selections the
+    backend implements; any other is refused."""
 
     direction: Callable
     fused: Callable | None = None
+    selections: tuple[str, ...] = ("correct",)
+
+    def _check(self, options: ModxOptions) -> None:
+        if options.selection not in self.selections:
+            raise ValueError(f"selection={options.selection!r} is not implemented by the "
+                             f"{self.direction.__module__} backend (it has {', '.join(self.selections)}); "
+                             "use backend='torch'")
 
     def clip_loss(self, image, text, logit_scale, *, image_all=None, text_all=None, row_offset=0):
         clip, *_ = loss_parts(self.direction, self.fused, image, text, None, None, logit_scale,
@@ -192,6 +208,7 @@ class RowLosses:
 
     def modx_kl_parts(self, image, text, image_old, text_old, options: ModxOptions, **data_parallel):
         """(kl_i2t, kl_t2i, kept_i2t, kept_t2i)."""
+        self._check(options)
         _, *parts = loss_parts(self.direction, self.fused, image, text, image_old, text_old, None,
                                want_ce=False, options=options, **data_parallel)
         return tuple(parts)
@@ -199,5 +216,6 @@ class RowLosses:
     def modx_loss_parts(self, image, text, image_old, text_old, logit_scale, options: ModxOptions,
                         **data_parallel):
         """(clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i), CE and KL from the same tiles."""
+        self._check(options)
         return loss_parts(self.direction, self.fused, image, text, image_old, text_old, logit_scale,
                           want_ce=True, options=options, **data_parallel)

@@ -12,7 +12,8 @@ of S per row block: row statistics exactly, column statistics (text→image: LSE
 column argmax, the KL cross term) online across row tiles, so forward costs 2 GEMMs and backward 4
 (recompute S, S'; dI = dS·T, dT += dSᵀ·I) — fewer than the dense formula's autograd.
 
-Tiles are float64 for float64 inputs and fp32 otherwise (losses.accumulation_dtype).
+Tiles are float64 for float64 inputs and fp32 otherwise (losses.accumulation_dtype). With
+selection "all" (LwF, ZSCL) every row is kept: the masks are all ones and no argmax is taken.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import math
 
 import torch
 
-from .losses import ModxOptions, RowLosses, accumulation_dtype, kl_switches, tile_rows
+from .losses import SELECTIONS, ModxOptions, RowLosses, accumulation_dtype, kl_switches, tile_rows
 
 
 def _scalar(x) -> float:
@@ -72,7 +73,7 @@ class _RowLossTorch(torch.autograd.Function):
 
     @staticmethod
     @_no_autocast
-    def forward(ctx, x, y, xo, yo, scale, row_offset, inv_tau, off_diag, want_ce, want_kl):
+    def forward(ctx, x, y, xo, yo, scale, row_offset, inv_tau, off_diag, want_ce, want_kl, keep_all):
         b, B = x.shape[0], y.shape[0]
         dev, acc = x.device, accumulation_dtype(x, y)
         yf = y.to(acc)
@@ -102,7 +103,7 @@ class _RowLossTorch(torch.autograd.Function):
                 ce[r0:r1] = lse_r - s * S[ridx, dcol]
             if want_kl:
                 So = torch.matmul(xo[r0:r1].to(acc), yof.T, out=buf_b[:n])
-                mrow = So.argmax(1) == dcol
+                mrow = torch.ones(n, dtype=torch.bool, device=dev) if keep_all else So.argmax(1) == dcol
                 mask[r0:r1] = mrow
                 # So is not needed after this tile: x' − x overwrites it
                 lse[r0:r1], lse_o[r0:r1], kl[r0:r1] = _kl_rows(S, So, mrow, ridx, dcol, inv_tau, off_diag,
@@ -174,7 +175,7 @@ class _RowLossTorch(torch.autograd.Function):
         gs = None
         if need_s and scale is not None:
             gs = (ds * gce).to(scale.dtype).reshape(scale.shape)
-        return gx, gy, None, None, gs, None, None, None, None, None
+        return gx, gy, None, None, gs, None, None, None, None, None, None
 
 
 def _col_update(V, m, z, tmp, extra=None, c=None):
@@ -201,7 +202,7 @@ class _FusedTorch(torch.autograd.Function):
 
     @staticmethod
     @_no_autocast
-    def forward(ctx, image, text, image_old, text_old, scale, inv_tau, off_diag, want_ce, want_kl):
+    def forward(ctx, image, text, image_old, text_old, scale, inv_tau, off_diag, want_ce, want_kl, keep_all):
         B = image.shape[0]
         dev, acc = image.device, accumulation_dtype(image, text)
         tf = text.to(acc)
@@ -236,12 +237,14 @@ class _FusedTorch(torch.autograd.Function):
                 lse_ce_r[r0:r1] = m.squeeze(1) + L.sub_(m).exp_().sum(1).log_()
             if want_kl:
                 So = torch.matmul(image_old[r0:r1].to(acc), tof.T, out=Bo[:n])
-                mrow = So.argmax(1) == dcol
+                if keep_all:
+                    mrow = torch.ones(n, dtype=torch.bool, device=dev)
+                else:
+                    mrow = So.argmax(1) == dcol
+                    v, i = So.max(0)  # the old model's column argmax, online (first index on ties)
+                    am_idx = torch.where(v > am_val, i + r0, am_idx)
+                    am_val = torch.maximum(am_val, v)
                 mask_r[r0:r1] = mrow
-                v, i = So.max(0)
-                better = v > am_val
-                am_idx = torch.where(better, i + r0, am_idx)
-                am_val = torch.maximum(am_val, v)
                 # rows; So and x' − x (in D) are still needed for the columns
                 Dx = D[:n]
                 lse_r[r0:r1], lse_or[r0:r1], kl_r[r0:r1] = _kl_rows(S, So, mrow, ridx, dcol, inv_tau,
@@ -258,7 +261,7 @@ class _FusedTorch(torch.autograd.Function):
         mask_c = torch.zeros(B, dtype=torch.bool, device=dev)
         lse_c = lse_oc = None
         if want_kl:
-            mask_c = am_idx == ar
+            mask_c = torch.ones(B, dtype=torch.bool, device=dev) if keep_all else am_idx == ar
             lse_c, lse_oc = _lse(cm, cz), _lse(cmo, czo)
             kl_c = torch.where(mask_c, cc / czo + ((cm - cmo) + torch.log(cz / czo)), torch.zeros_like(cc))
             out_kl_i, out_kl_t = kl_r.sum(), kl_c.sum()
@@ -335,7 +338,7 @@ class _FusedTorch(torch.autograd.Function):
                     dt.addmm_(Gt.T, ib)
         gs = ds.to(scale.dtype).reshape(scale.shape) if need_s else None
         return (di.to(image.dtype) if need_i else None, dt.to(text.dtype) if need_t else None,
-                None, None, gs, None, None, None, None)
+                None, None, gs, None, None, None, None, None)
 
 
 def fused(image, text, image_old, text_old, scale, options: ModxOptions | None, want_ce: bool):
@@ -343,7 +346,9 @@ def fused(image, text, image_old, text_old, scale, options: ModxOptions | None, 
     want_kl, inv_tau, off_diag = kl_switches(options)
     if not want_kl:
         image_old = text_old = image.new_zeros(0)
-    return _FusedTorch.apply(image, text, image_old, text_old, scale, inv_tau, off_diag, bool(want_ce), want_kl)
+    keep_all = want_kl and options.selection == "all"
+    return _FusedTorch.apply(image, text, image_old, text_old, scale, inv_tau, off_diag, bool(want_ce), want_kl,
+                             keep_all)
 
 
 def direction(x, y, xo, yo, scale, row_offset, options: ModxOptions | None, want_ce: bool):
@@ -351,7 +356,9 @@ def direction(x, y, xo, yo, scale, row_offset, options: ModxOptions | None, want
     want_kl, inv_tau, off_diag = kl_switches(options)
     if not want_kl:
         xo = yo = x.new_zeros(0)
-    return _RowLossTorch.apply(x, y, xo, yo, scale, int(row_offset), inv_tau, off_diag, bool(want_ce), want_kl)
+    keep_all = want_kl and options.selection == "all"
+    return _RowLossTorch.apply(x, y, xo, yo, scale, int(row_offset), inv_tau, off_diag, bool(want_ce), want_kl,
+                               keep_all)
 
 
-LOSSES = RowLosses(direction, fused)
+LOSSES = RowLosses(direction, fused, selections=SELECTIONS)

@@ -15,10 +15,12 @@ Conventions shared by every backend (and by ``reference`` up to ties):
   ascending): among equal scores the smaller gallery index wins. ``reference.topk`` (dense
   ``torch.topk``) has the same values but may order tied indices differently.
 * ``retrieval_ranks``: rank = #gallery items scoring strictly higher than the positive + #items
-  scoring equal with a smaller index. The positive's score is computed first with the same GEMM
-  arithmetic as the tiles, and the positive itself is never counted against itself. With several
-  captions per image (``caption_image[c]`` = image row of caption c) an image's rank is that of
-  its best caption (the best caption is the one with the highest score, smallest index on ties,
+  scoring equal with a smaller index. Each backend compares scores of one arithmetic (so a
+  duplicate of the positive ties it): triton computes the positive's score first with the same
+  GEMM arithmetic as the tiles; torch decides every comparison the tiles leave open with exact
+  scores (fp64 dot products rounded once to fp32, the positives' included). The positive itself
+  is never counted against itself. With several captions per image (``caption_image[c]`` = image
+  row of caption c) an image's rank is that of its best caption (the best caption is the one with the highest score, smallest index on ties,
   which is exactly the caption of minimum rank); the text→image rank is that of the caption's image.
 """
 from __future__ import annotations
@@ -27,13 +29,22 @@ import torch
 
 
 def check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
-    """a and b: 2-D feature matrices with the same feature dimension, on the same device."""
+    """a and b: 2-D feature matrices with the same feature dimension, on the same device, every
+    entry finite: with NaN every "score > positive" comparison is false, so every positive would
+    rank first (one sum over each input; on a GPU it waits for them)."""
     if a.dim() != 2 or b.dim() != 2:
         raise ValueError(f"expected 2-D feature matrices, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
     if a.device != b.device:
         raise ValueError(f"inputs on different devices: {a.device} vs {b.device}")
+    for which, x in (("first (queries, image)", a), ("second (gallery, text)", b)):
+        if bool(torch.isfinite(x.sum())):  # a finite sum proves every entry finite: one cheap reduction
+            continue
+        bad = int((~torch.isfinite(x).all(1)).sum())  # (an overflowing sum of finite entries gets here too)
+        if bad:
+            raise ValueError(f"{bad} of {x.shape[0]} rows of the {which} input are not finite (NaN or inf): "
+                             "scores and ranks would be meaningless")
 
 
 def caption_image_rows(caption_image, n_img: int, n_txt: int, device) -> torch.Tensor:

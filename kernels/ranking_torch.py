@@ -1,8 +1,11 @@
 """Similarity, streamed top-k and streamed retrieval ranks in tiled torch: the CPU path (the
 conventions are in ranking.py).
 
-Tiles of at most block_q × block_g fp32 scores; on the CPU, blocks of query rows run concurrently
-on worker threads (geomlab.runtime.map_threads).
+Tiles of at most block_q × block_g scores; on the CPU, blocks of query rows run concurrently on
+worker threads (geomlab.runtime.map_threads). On CPUs with bf16 dot-product instructions both
+`topk` and `retrieval_ranks` compute their tiles with bf16 GEMMs (several times the fp32 rate)
+and still return exact fp32 results: a rigorous bound on the bf16 score error (`_bf16_error`)
+says which entries the bf16 scores decide, and only the others are scored exactly.
 """
 from __future__ import annotations
 
@@ -19,13 +22,15 @@ def _as_f32(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
 
 
-#: query rows × gallery columns of one fp32 score tile of the torch backend: 4096 × 4096 = 64 MiB
-#: per worker thread (ranks: two such buffers), big enough for an efficient GEMM and few Python
-#: steps, small enough that N is bounded by time, not memory.
+#: query rows × gallery columns of one fp32 score tile of `topk`: 4096 × 4096 = 64 MiB per worker
+#: thread, big enough for an efficient GEMM and few Python steps, small enough that N is bounded
+#: by time, not memory.
 TOPK_BLOCK_Q = 4096
 TOPK_BLOCK_G = 4096
-RANK_BLOCK_Q = 4096
-RANK_BLOCK_G = 4096
+#: image rows × caption columns of one tile of `retrieval_ranks`: its counting passes then run over
+#: a tile (and a flag tile) that stays in cache.
+RANK_BLOCK_Q = 2048
+RANK_BLOCK_G = 2048
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,6 +82,10 @@ def _merge(run_v, run_i, cand, k):
 
 #: width of the column segments whose maxima prune the selection (see `_above`).
 SEGMENT = 64
+#: 0/1 flags are counted in groups of COUNT_GROUP entries by a GEMM with a ones vector: exact in
+#: bf16 (every group sum ≤ 256 is representable) and several times faster than torch's sum of a
+#: bool or bf16 tensor. Rank tiles are padded to multiples of it with −inf, which never counts.
+COUNT_GROUP = 256
 
 
 def _segment_max(s: torch.Tensor):
@@ -120,6 +129,24 @@ def _above(s: torch.Tensor, thr: torch.Tensor, segmax: torch.Tensor | None = Non
     return rows[order], cols[order], vals[order]
 
 
+def _above_bf16(s: torch.Tensor, thr: torch.Tensor, flags: torch.Tensor):
+    """`_above` for a bf16 tile s [m, n] (n a multiple of COUNT_GROUP) and a threshold exact in
+    bf16, with fp32 values; `flags` is a bf16 buffer of s's size. bf16 reductions are slow, so the
+    pruning differs: the entries' 0/1 flags, summed per COUNT_GROUP-wide group by a GEMM with a
+    ones vector, find the groups holding an entry above thr; in those, the flags read as int64
+    words (four to a word) find the entries with one nonzero over 4× fewer elements."""
+    m, n = s.shape
+    f = torch.gt(s, thr.bfloat16(), out=_tile(flags, m, n)).view(-1, COUNT_GROUP)
+    ones = torch.ones(COUNT_GROUP, 1, dtype=s.dtype, device=s.device)
+    hit = torch.mm(f, ones).view(-1).nonzero().squeeze(1)
+    words_per_group = COUNT_GROUP // 4
+    w = f.index_select(0, hit).view(torch.int64).view(-1).nonzero().squeeze(1)
+    word = hit.index_select(0, w // words_per_group) * words_per_group + w % words_per_group
+    flat = (4 * word.unsqueeze(1) + torch.arange(4, device=s.device)).view(-1)
+    flat = flat.index_select(0, f.view(-1).index_select(0, flat).nonzero().squeeze(1))
+    return flat // n, flat % n, s.view(-1).index_select(0, flat).float()
+
+
 def _workers(device, n_blocks: int) -> int:
     """Worker threads for the CPU paths: one per block, at most the cores this process may use and
     torch's thread budget (1 off the CPU; see `map_threads` for why threads, not intra-op threads)."""
@@ -138,9 +165,11 @@ def _block_size(n: int, block: int, workers: int) -> int:
 
 
 def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Tensor,
-               buf16: torch.Tensor | None = None):
+               buf16: torch.Tensor | None = None, flags: torch.Tensor | None = None):
     """Streamed top-k of the query rows qb against every gallery tile. With bf16 qb and g, each
-    tile's GEMM runs in bf16 into `buf16` and is widened into `buf` (fp32 selection is faster)."""
+    tile's GEMM runs in bf16 into `buf16`; warm-up tiles are widened into `buf` (their selection
+    uses fp32 segment maxima), the others are pruned in bf16 against the running k-th value (exact
+    in bf16: every listed value is a bf16 score) with the flag buffer `flags`."""
     m, ng, dev = qb.shape[0], g.shape[0], qb.device
     # running lists [m, w ≤ k], sorted (score desc, index asc); candidates wait in `pending`
     # and are merged in batches, so most tiles cost one GEMM and one pruning pass.
@@ -150,12 +179,10 @@ def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Te
     for g0 in range(0, ng, bg):
         g1 = min(ng, g0 + bg)
         n = g1 - g0
-        if buf16 is None:
-            s = torch.mm(qb, g[g0:g1].T, out=_tile(buf, m, n))
-        else:
-            s = _tile(buf, m, n).copy_(torch.mm(qb, g[g0:g1].T, out=_tile(buf16, m, n)))
+        s = torch.mm(qb, g[g0:g1].T, out=_tile(buf if buf16 is None else buf16, m, n))
         w = run_v.shape[1]
         if w < k:  # warm-up: the lists are not full yet
+            s = _tile(buf, m, n).copy_(s) if buf16 is not None else s
             if pending:
                 run_v, run_i = _merge(run_v, run_i, pending, k)
                 pending, n_pending, w = [], 0, run_v.shape[1]
@@ -171,18 +198,22 @@ def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Te
                     kth = torch.topk(segmax, need, dim=1, sorted=False).values.amin(1, keepdim=True)
                 else:
                     kth = torch.topk(s, need, dim=1, sorted=False).values.amin(1, keepdim=True)
-                kth = kth.float()  # (bf16 tiles in the approximate pass of topk)
                 thr = torch.nextafter(kth, torch.full_like(kth, float("-inf")))
                 if w:
                     thr = torch.minimum(thr, run_v[:, -1:])
                 rows, cols, vals = _above(s, thr, segmax)
             run_v, run_i = _merge(run_v, run_i, [(rows, cols + g0, vals)], k)
             continue
-        rows, cols, vals = _above(s, run_v[:, -1:])
+        if buf16 is None:
+            rows, cols, vals = _above(s, run_v[:, -1:])
+        elif n % COUNT_GROUP:  # a ragged last tile: widened
+            rows, cols, vals = _above(_tile(buf, m, n).copy_(s), run_v[:, -1:])
+        else:
+            rows, cols, vals = _above_bf16(s, run_v[:, -1:], flags)
         if rows.numel():
             pending.append((rows, cols + g0, vals))
             n_pending += rows.numel()
-        if n_pending > 2 * m * k:  # tighten the threshold
+        if n_pending > m * k // 4:  # tighten the threshold
             run_v, run_i = _merge(run_v, run_i, pending, k)
             pending, n_pending = [], 0
     if pending:
@@ -191,14 +222,14 @@ def _topk_rows(qb: torch.Tensor, g: torch.Tensor, k: int, bg: int, buf: torch.Te
 
 
 #: extra candidates per query kept by the bf16 pass of `topk` (then rescored exactly).
-APPROX_EXTRA = 32
+APPROX_EXTRA = 16
 #: gallery size from which `topk` takes the bf16 pass by itself (where bf16 GEMMs are fast).
 APPROX_MIN_GALLERY = 16384
 
 
 def _fast_bf16_gemm(device) -> bool:
     """True on CPUs with bf16 dot-product instructions (AVX512-BF16 / AMX), where a bf16 GEMM with
-    fp32 accumulation runs about twice as fast as an fp32 one."""
+    fp32 accumulation runs several times as fast as an fp32 one."""
     if device.type != "cpu":
         return False
     try:
@@ -209,26 +240,45 @@ def _fast_bf16_gemm(device) -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def _bf16_error_bound(d: int) -> float:
-    """Bound on |approx − q·g| / (‖q‖ ‖g‖) of a bf16 GEMM score: input roundings (2u + u²),
-    fp32 accumulation (d·2⁻²⁴) and the bf16 output rounding (u), u = 2⁻⁹; doubled for margin."""
-    u = 2.0 ** -9
-    return 2 * (3 * u + u * u + d * 2.0 ** -23)
+def _fp32_error(norm, other_norm, d: int):
+    """Bound on |fp32 GEMM score − exact score rounded to fp32| for rows of norm ‖a‖ against rows
+    of norm ≤ other_norm: fp32 accumulation of d products plus that final rounding, ≤ (d + 1)·2⁻²⁴
+    ‖a‖‖b‖; (d + 2)·2⁻²³ leaves a factor 2 for the norms' own rounding and any library's order."""
+    return (d + 2) * 2.0 ** -23 * norm * other_norm
 
 
-def _rescore(q: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, k: int, chunk: int = 512):
+def _bf16_error(norm, res, other_norm, other_res, d: int):
+    """Bound on |bf16 GEMM accumulator − exact score| for rows of norm ‖a‖ and bf16 residual
+    ‖a − â‖ against rows of norm ≤ other_norm and residual ≤ other_res: the input roundings,
+    |â·b̂ − a·b| ≤ ‖â‖‖δb‖ + ‖δa‖‖b‖, plus `_fp32_error`. The accumulator's own rounding to bf16
+    (≤ 2⁻⁸ of its magnitude, to nearest) is the caller's to add, at the score it compares."""
+    return (1 + 2.0 ** -7) * (norm * other_res + res * other_norm) + _fp32_error(norm, other_norm, d)
+
+
+def _bf16_residuals(x: torch.Tensor, chunk: int = 65536):
+    """(bf16 copy of x, ‖x_i − bf16(x_i)‖ per row), without an N×d fp32 temporary."""
+    xb = x.bfloat16()
+    res = torch.empty(x.shape[0], device=x.device)
+    for i0 in range(0, x.shape[0], chunk):
+        res[i0:i0 + chunk] = (x[i0:i0 + chunk] - xb[i0:i0 + chunk].float()).norm(dim=1)
+    return xb, res
+
+
+def _rescore(q: torch.Tensor, g: torch.Tensor, idx: torch.Tensor, k: int, chunk: int = 256):
     """Exact fp32 scores of the candidates idx [m, c], sorted (score desc, index asc): top k."""
     idx = idx.sort(dim=1).values  # ascending index first: the stable sort below then breaks ties by index
+    m, c = idx.shape
     scores = torch.empty(idx.shape, device=q.device)
-    for r0 in range(0, q.shape[0], chunk):
-        r1 = min(q.shape[0], r0 + chunk)
-        scores[r0:r1] = torch.bmm(g[idx[r0:r1]], q[r0:r1].unsqueeze(2)).squeeze(2)
+    for r0 in range(0, m, chunk):
+        r1 = min(m, r0 + chunk)
+        cand = g.index_select(0, idx[r0:r1].reshape(-1)).view(r1 - r0, c, -1)
+        scores[r0:r1] = cand.mul_(q[r0:r1].unsqueeze(1)).sum(2)
     v, order = scores.sort(dim=1, descending=True, stable=True)
     return v[:, :k], torch.gather(idx, 1, order[:, :k])
 
 
 def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, block_q: int | None = None,
-               block_g: int | None = None, approx: bool | None = None):
+         block_g: int | None = None, approx: bool | None = None, stats: dict | None = None):
     """(values [Nq, k] fp32, indices [Nq, k] int64) of the k highest scores q·g per query, streamed
     over gallery tiles: per tile one GEMM into a reusable buffer, then only the entries above the
     running k-th value of their row are selected (threshold pruning) and merged. Never more than
@@ -238,7 +288,8 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, block_q: int |
     k + APPROX_EXTRA candidates per query with bf16 GEMMs, then rescores them in fp32. The result
     is still exact: a query is accepted only if its exact k-th score beats the last candidate's
     bf16 score by more than the bf16 error bound (so no other item can reach it); the few queries
-    that fail this test are recomputed with the fp32 pass."""
+    that fail this test are recomputed with the fp32 pass. `stats`, if given, receives "recomputed"
+    (the number of those queries)."""
     check_pair(queries, gallery)
     nq, ng = queries.shape[0], gallery.shape[0]
     if not 0 < k <= ng:
@@ -254,113 +305,277 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, block_q: int |
     bg = min(block_g or TOPK_BLOCK_G, ng)
     q, g = _as_f32(queries), _as_f32(gallery)
     if approx:
-        qa, ga = q.bfloat16(), g.bfloat16()
-        bound = _bf16_error_bound(q.shape[1]) * q.norm(dim=1) * g.norm(dim=1).max()
+        qa, q_res = _bf16_residuals(q)
+        ga, g_res = _bf16_residuals(g)
+        error = _bf16_error(q.norm(dim=1), q_res, g.norm(dim=1).max(), g_res.max(), q.shape[1])
     out_v = torch.empty(nq, k, device=dev)
     out_i = torch.empty(nq, k, dtype=torch.long, device=dev)
     local = threading.local()
 
-    def exact(q0, q1):
+    def exact(rows):
         if not hasattr(local, "buf"):
             local.buf = torch.empty(bq * bg, device=dev)
-        return _topk_rows(q[q0:q1], g, k, bg, local.buf)
+        return _topk_rows(rows, g, k, bg, local.buf)
 
     def block(q0):
         q1 = min(nq, q0 + bq)
         if not approx:
-            out_v[q0:q1], out_i[q0:q1] = exact(q0, q1)
-            return
+            out_v[q0:q1], out_i[q0:q1] = exact(q[q0:q1])
+            return 0
         if not hasattr(local, "buf16"):
-            local.buf = torch.empty(bq * bg, device=dev)
             local.buf16 = torch.empty(bq * bg, device=dev, dtype=torch.bfloat16)
-        cand_v, cand_i = _topk_rows(qa[q0:q1], ga, k + APPROX_EXTRA, bg, local.buf, local.buf16)
+            local.flags = torch.empty(bq * bg, device=dev, dtype=torch.bfloat16)
+            local.buf = torch.empty(bq * bg, device=dev)
+        cand_v, cand_i = _topk_rows(qa[q0:q1], ga, k + APPROX_EXTRA, bg, local.buf, local.buf16, local.flags)
         v, i = _rescore(q[q0:q1], g, cand_i, k)
-        bad = (v[:, -1] <= cand_v[:, -1] + bound[q0:q1]).nonzero().squeeze(1)
-        for r in bad.tolist():  # rare: recompute exactly
-            v[r], i[r] = exact(q0 + r, q0 + r + 1)
+        # any other item has a bf16 score ≤ the last candidate's, so an exact score ≤ that + bound
+        last = cand_v[:, -1]
+        bound = (1 + 2.0 ** -5) * (error[q0:q1] + 2.0 ** -8 * last.abs())
+        bad = (v[:, -1] <= last + bound).nonzero().squeeze(1)
+        if bad.numel():  # rare: those queries are recomputed exactly, together
+            v[bad], i[bad] = exact(q[q0:q1].index_select(0, bad))
         out_v[q0:q1], out_i[q0:q1] = v, i
+        return bad.numel()
 
-    map_threads(block, range(0, nq, bq), workers)
+    recomputed = map_threads(block, range(0, nq, bq), workers)
+    if stats is not None:
+        stats["recomputed"] = sum(recomputed) if approx else 0
     return out_v, out_i
 
 
+#: a bf16 rank tile with more ambiguous entries than this fraction of it is recounted from an fp32
+#: GEMM, and so is the rest of its row block (deciding an entry exactly costs far more than
+#: counting it): the case of positives in the bulk of their rows, e.g. unrelated random features.
+RESOLVE_MAX_FRACTION = 1 / 256
+#: a direction of a rank tile whose entries ≥ lo lie in at most this fraction of its COUNT_GROUP-
+#: wide groups reads those groups instead of making a second counting pass (see `_direction`).
+SPARSE_GROUPS = 1 / 16
+#: smallest number of images and of captions for which `retrieval_ranks` takes bf16 tiles by itself.
+RANK_APPROX_MIN = 4096
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _exact_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                chunk: int = 8192) -> torch.Tensor:
+    """a[rows[k]]·b[cols[k]] for every k, computed in fp64 and rounded once to fp32: the scores that
+    decide every rank (a row-wise reduction, so identical vectors always score identically)."""
+    out = torch.empty(rows.numel(), device=a.device)
+    for k0 in range(0, rows.numel(), chunk):
+        k1 = min(rows.numel(), k0 + chunk)
+        x = a.index_select(0, rows[k0:k1]).double()
+        out[k0:k1] = x.mul_(b.index_select(0, cols[k0:k1]).double()).sum(1)
+    return out
+
+
+def _bands(pos, norm, res, other_norm, other_res, d: int, dtype):
+    """(lo, hi) per positive score `pos` of a query row (norm ‖a‖, bf16 residual ‖a − â‖) against
+    gallery rows (largest norm and residual `other_*`), in the tile dtype: a tile entry above hi
+    surely has an exact score above pos, one below lo surely below; entries in [lo, hi] are
+    decided by their exact score. Rows without a positive (pos = −inf) get +inf: they count nothing.
+
+    The half-width is the tile's error bound (`_fp32_error`, `_bf16_error` plus the bf16 output
+    rounding, ≤ 2⁻⁸|s|, here with |s| ≤ |pos| + w), and bf16 bounds are rounded outwards."""
+    if dtype == torch.float32:
+        w = _fp32_error(norm, other_norm, d)
+    else:
+        w = (1 + 2.0 ** -5) * (_bf16_error(norm, res, other_norm, other_res, d) + 2.0 ** -8 * pos.abs())
+    has = pos > float("-inf")
+    lo = torch.where(has, pos - w, float("inf"))
+    hi = torch.where(has, pos + w, float("inf"))
+    # padded with COUNT_GROUP entries, so that a padded tile's slice always exists
+    pad = torch.full((COUNT_GROUP,), float("inf"), device=pos.device)
+    lo, hi = torch.cat([lo, pad]), torch.cat([hi, pad])
+    if dtype == torch.float32:
+        return lo, hi
+    lo16, hi16 = lo.bfloat16(), hi.bfloat16()
+    lo16 = torch.where(lo16.float() > lo, torch.nextafter(lo16, torch.full_like(lo16, float("-inf"))), lo16)
+    hi16 = torch.where(hi16.float() < hi, torch.nextafter(hi16, torch.full_like(hi16, float("inf"))), hi16)
+    return lo16, hi16
+
+
+def _group_counts(flags: torch.Tensor, ones: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of the 0/1 tile flags [mp, np] over its COUNT_GROUP-wide groups along dim: [mp, np/G]
+    for rows (dim=1), [mp/G, np] for columns. A GEMM with a ones vector (exact: ≤ 256 each), but
+    torch's own sum for fp32 rows, the faster one there."""
+    mp, np_ = flags.shape
+    if dim == 1 and flags.dtype == torch.float32:
+        return flags.view(mp, -1, COUNT_GROUP).sum(2)
+    if dim == 1:
+        return torch.mm(flags.view(-1, COUNT_GROUP), ones).view(mp, -1)
+    return torch.matmul(ones.T, flags.view(-1, COUNT_GROUP, np_)).view(-1, np_)
+
+
+def _direction(s, flags, ones, lo, hi, own, dim: int, max_band: float):
+    """One direction of the padded rank tile s [mp, np] (−inf padding): dim=1 its rows against
+    lo, hi [mp, 1], dim=0 its columns against lo, hi [1, np]; own [m] or [n]: 1 where the line's
+    positive lies in the tile. Returns (per line: #entries > hi, fp32 [mp] or [np]; the band
+    entries (rows, cols) in [lo, hi] in tile coordinates, the positives' included), or None when
+    the band holds more than max_band entries besides the positives.
+
+    Entries ≥ lo are counted per COUNT_GROUP-wide group (one comparison pass and a GEMM with a
+    ones vector). When few groups hold one (positives in the top tail of their lines: the usual
+    case), those groups are read and classified directly; otherwise a second pass counts the
+    entries > hi, and only the lines whose band holds more than their positive are read (so the
+    band entries returned may leave out positives alone in their band)."""
+    mp, np_ = s.shape
+    nb = (np_ if dim == 1 else mp) // COUNT_GROUP
+    groups = _group_counts(torch.ge(s, lo, out=flags), ones, dim)
+    hit = groups.view(-1).nonzero().squeeze(1)
+    if hit.numel() <= SPARSE_GROUPS * groups.numel():
+        if dim == 1:
+            line, g = hit // nb, hit % nb
+            vals = s.view(mp, nb, COUNT_GROUP)[line, g]  # [k, COUNT_GROUP]
+        else:
+            g, line = hit // np_, hit % np_
+            vals = s.view(nb, COUNT_GROUP, np_)[g, :, line]
+        lo_k, hi_k = lo.view(-1)[line].unsqueeze(1), hi.view(-1)[line].unsqueeze(1)
+        above = torch.zeros(mp if dim == 1 else np_, device=s.device)
+        above.index_add_(0, line, (vals > hi_k).sum(1, dtype=torch.float32))
+        k, j = ((vals >= lo_k) & (vals <= hi_k)).nonzero(as_tuple=True)
+        if k.numel() - float(own.sum()) > max_band:
+            return None
+        inner, outer = g.index_select(0, k) * COUNT_GROUP + j, line.index_select(0, k)
+        return above, ((outer, inner) if dim == 1 else (inner, outer))
+    above = _group_counts(torch.gt(s, hi, out=flags), ones, dim).sum(dim, dtype=torch.float32)
+    band = groups.sum(dim, dtype=torch.float32) - above
+    extra = band[: own.numel()] - own
+    if float(extra.sum()) > max_band:
+        return None
+    lines = (extra > 0).nonzero().squeeze(1)
+    axis = 0 if dim == 1 else 1  # lines are rows or columns of the tile
+    sub = s.index_select(axis, lines)
+    k, j = ((sub >= lo.index_select(axis, lines)) & (sub <= hi.index_select(axis, lines))).nonzero(as_tuple=True)
+    return above, ((lines.index_select(0, k), j) if dim == 1 else (k, lines.index_select(0, j)))
+
+
+def _beats(im, tx, img, txt, pos, gallery, own):
+    """(1 per pair (img[k], txt[k]) whose exact score beats the positive's (score pos[k], gallery
+    index own[k]) as gallery item gallery[k] — higher, or equal with a smaller index — else 0;
+    the number of pairs scored: all but the positives themselves, which never count)."""
+    keep = (gallery != own).nonzero().squeeze(1)
+    f = _exact_dots(im, tx, img.index_select(0, keep), txt.index_select(0, keep))
+    pos, gallery, own = (x.index_select(0, keep) for x in (pos, gallery, own))
+    won = torch.zeros(img.numel(), dtype=torch.long, device=img.device)
+    won[keep] = ((f > pos) | ((f == pos) & (gallery < own))).long()
+    return won, keep.numel()
+
+
 def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None, *,
-                          block_q: int | None = None, block_g: int | None = None):
+                    block_q: int | None = None, block_g: int | None = None, approx: bool | None = None,
+                    stats: dict | None = None):
     """(image→text ranks [N_img], text→image ranks [N_txt]), int64, streamed: one pass over
-    image-block × text-block tiles counts both directions (rows for image→text, columns for
-    text→image); memory beyond the inputs is one tile plus O(N) vectors."""
+    image-block × caption-block tiles counts both directions (rows for image→text, columns for
+    text→image); memory beyond the inputs is a few tiles per worker plus O(N) vectors (and bf16
+    copies of the inputs with `approx`).
+
+    Every rank is decided by exact scores (`_exact_dots`): the positives' first (O(N·d)), then each
+    tile sorts its entries, per row against the row's positive and per column against the column's,
+    into surely above, surely below and a narrow band around the positive (`_bands`), with one or
+    two comparison passes per direction (`_direction`); only band entries other than the positive
+    itself are scored exactly.
+
+    `approx` (default: a CPU with fast bf16 GEMMs and at least RANK_APPROX_MIN images and
+    captions) computes the tiles with bf16 GEMMs, whose band is wider; a tile whose band holds
+    too many entries (RESOLVE_MAX_FRACTION) is recounted from an fp32 GEMM, as are the rest of its
+    row block. Either way the ranks are those of the exact scores. `stats`, if given, receives
+    "tiles", "fp32_tiles" (tiles counted from fp32 GEMMs) and "resolved" (entries scored exactly,
+    the positives' own excluded)."""
     check_pair(image, text)
     n_img, n_txt = image.shape[0], text.shape[0]
-    dev = image.device
+    dev, d = image.device, image.shape[1]
     ci = caption_image_rows(caption_image, n_img, n_txt, dev)
     im, tx = _as_f32(image), _as_f32(text)
-    bi = max(1, min(block_q or RANK_BLOCK_Q, n_img))
-    bt = max(1, min(block_g or RANK_BLOCK_G, n_txt))
-    # Positive scores first, with the same GEMM arithmetic as the tiles: (image rows × text cols).
-    pos_t = torch.empty(n_txt, device=dev)
-    for t0 in range(0, n_txt, bt):
-        t1 = min(n_txt, t0 + bt)
-        pos_t[t0:t1] = torch.mm(im.index_select(0, ci[t0:t1]), tx[t0:t1].T).diagonal()
+    if approx is None:
+        approx = _fast_bf16_gemm(dev) and min(n_img, n_txt) >= RANK_APPROX_MIN
+    pos_t = _exact_dots(im, tx, ci, torch.arange(n_txt, device=dev))  # each caption with its image
     pos_i, best = best_caption(pos_t, ci, n_img)  # per image: best caption's score and index
-    neg_inf = torch.tensor(float("-inf"), device=dev)
-    pos_t_prev = torch.nextafter(pos_t, neg_inf)  # the largest float below each positive score
-    pos_i_prev = torch.nextafter(pos_i, neg_inf)
-    workers = _workers(dev, n_img // 256)  # ≥ 256 image rows per worker
-    bi = _block_size(n_img, bi, workers)
     cnt_i = torch.zeros(n_img, dtype=torch.long, device=dev)
+    if n_img == 0 or n_txt == 0:
+        return torch.where(best < 0, n_txt, cnt_i), torch.zeros(n_txt, dtype=torch.long, device=dev)
+    na, nt = im.norm(dim=1), tx.norm(dim=1)
+    # per tile precision: (image rows, caption rows, row bands, column bands), all in its dtype
+    precisions = {torch.float32: (im, tx, _bands(pos_i, na, None, nt.max(), None, d, torch.float32),
+                                  _bands(pos_t, nt, None, na.max(), None, d, torch.float32))}
+    if approx:
+        ib, ri = _bf16_residuals(im)
+        tb, rt = _bf16_residuals(tx)
+        precisions[torch.bfloat16] = (ib, tb, _bands(pos_i, na, ri, nt.max(), rt.max(), d, torch.bfloat16),
+                                      _bands(pos_t, nt, rt, na.max(), ri.max(), d, torch.bfloat16))
+    workers = _workers(dev, n_img // 256)  # ≥ 256 image rows per worker
+    bi = _block_size(n_img, block_q or RANK_BLOCK_Q, workers)
+    bt = max(1, min(block_g or RANK_BLOCK_G, n_txt))
+    if bi >= COUNT_GROUP:
+        bi = _round_up(bi, COUNT_GROUP)
     local = threading.local()
     partial_t = []  # one text→image count vector per worker thread, summed at the end
 
-    def block(i0):
-        if not hasattr(local, "buf"):
-            local.buf = torch.empty(bi * bt, device=dev)
-            local.flags = torch.empty(bi * bt, device=dev)
+    def worker_counts():
+        if not hasattr(local, "cnt_t"):
             local.cnt_t = torch.zeros(n_txt, dtype=torch.long, device=dev)
             partial_t.append(local.cnt_t)
-        buf, cnt_t = local.buf, local.cnt_t
+        return local.cnt_t
+
+    def buffers(dtype):  # (tile, flags, ones) of this worker in the tile dtype
+        if not hasattr(local, str(dtype)):
+            size = _round_up(min(bi, n_img), COUNT_GROUP) * _round_up(bt, COUNT_GROUP)
+            setattr(local, str(dtype), (torch.empty(size, dtype=dtype, device=dev),
+                                        torch.empty(size, dtype=dtype, device=dev),
+                                        torch.ones(COUNT_GROUP, 1, dtype=dtype, device=dev)))
+        return getattr(local, str(dtype))
+
+    def block(i0):
         i1 = min(n_img, i0 + bi)
-        pr, br, pr_prev = pos_i[i0:i1].unsqueeze(1), best[i0:i1], pos_i_prev[i0:i1]
-        ci_ = cnt_i[i0:i1]
-        # A gallery item j counts against a positive at index p with score pos iff
-        # (j < p and s_j ≥ pos) or (j > p and s_j > pos). For a tile on one side of p that is one
-        # comparison `s > thr`, thr = pos (tile after p) or the next float below pos (tile before
-        # p, or containing p): one pass per direction. Where p lies inside the tile, that counted
-        # every s_j ≥ pos; the ties at j ≥ p (the positive itself included) are then taken off,
-        # and so is the positive if rounding put its tile entry above pos (it never counts).
+        m = i1 - i0
+        mp = _round_up(m, COUNT_GROUP)
+        cnt_t = worker_counts()
+        tiles = fp32_tiles = resolved = 0
+        dtype = torch.bfloat16 if approx else torch.float32
         for t0 in range(0, n_txt, bt):
             t1 = min(n_txt, t0 + bt)
-            s = torch.mm(im[i0:i1], tx[t0:t1].T, out=_tile(buf, i1 - i0, t1 - t0))
-            flags = _tile(local.flags, i1 - i0, t1 - t0)
-            # image→text (rows)
-            thr = torch.where(br < t0, pr[:, 0], pr_prev).unsqueeze(1)
-            # comparisons written as 0/1 floats: float sums are several times faster than bool
-            # sums, and exact (a tile row holds far fewer than 2^24 entries)
-            cnt = torch.gt(s, thr, out=flags).sum(1).long()
-            inside = ((br >= t0) & (br < t1)).nonzero().squeeze(1)
-            if inside.numel():
-                r, c = (s == pr).nonzero(as_tuple=True)
-                b = br[r]
-                r = r[(b >= t0) & (b < t1) & (c + t0 >= b)]
-                cnt.index_add_(0, r, torch.full_like(r, -1))
-                above = s[inside, br[inside] - t0] > pr[inside, 0]
-                cnt.index_add_(0, inside, -above.long())
-            ci_ += cnt
-            # text→image (columns)
-            pc, pcp, cc = pos_t[t0:t1], pos_t_prev[t0:t1], ci[t0:t1]
-            thr = torch.where(cc < i0, pc, pcp).unsqueeze(0)
-            cnt = torch.gt(s, thr, out=flags).sum(0).long()
-            inside = ((cc >= i0) & (cc < i1)).nonzero().squeeze(1)
-            if inside.numel():
-                r, c = (s == pc.unsqueeze(0)).nonzero(as_tuple=True)
-                p = cc[c]
-                c = c[(p >= i0) & (p < i1) & (r + i0 >= p)]
-                cnt.index_add_(0, c, torch.full_like(c, -1))
-                above = s[cc[inside] - i0, inside] > pc[inside]
-                cnt.index_add_(0, inside, -above.long())
-            cnt_t[t0:t1] += cnt
+            n = t1 - t0
+            np_ = _round_up(n, COUNT_GROUP)
+            own_r = ((best[i0:i1] >= t0) & (best[i0:i1] < t1)).float()  # positive inside the tile
+            own_c = ((ci[t0:t1] >= i0) & (ci[t0:t1] < i1)).float()
+            while True:
+                a, b, (lo_r, hi_r), (lo_c, hi_c) = precisions[dtype]
+                buf, flag_buf, ones = buffers(dtype)
+                s = _tile(buf, mp, np_)
+                torch.mm(a[i0:i1], b[t0:t1].T, out=s[:m, :n])
+                if n < np_:
+                    s[:, n:] = float("-inf")
+                if m < mp:
+                    s[m:] = float("-inf")
+                flags = _tile(flag_buf, mp, np_)
+                max_band = float("inf") if dtype == torch.float32 else RESOLVE_MAX_FRACTION * m * n
+                rows = _direction(s, flags, ones, lo_r[i0:i0 + mp].unsqueeze(1), hi_r[i0:i0 + mp].unsqueeze(1),
+                                  own_r, 1, max_band)
+                cols = rows and _direction(s, flags, ones, lo_c[t0:t0 + np_].unsqueeze(0),
+                                           hi_c[t0:t0 + np_].unsqueeze(0), own_c, 0, max_band)
+                if cols:
+                    break
+                dtype = torch.float32  # too many entries to decide exactly: recount in fp32
+            tiles += 1
+            fp32_tiles += dtype == torch.float32
+            (rows_hi, (r, c)), (cols_hi, (r2, c2)) = rows, cols
+            cnt_i[i0:i1] += rows_hi[:m].long()
+            cnt_t[t0:t1] += cols_hi[:n].long()
+            img, txt = r + i0, c + t0
+            won, scored = _beats(im, tx, img, txt, pos_i[img], txt, best[img])
+            cnt_i.index_add_(0, img, won)
+            img, txt = r2 + i0, c2 + t0
+            won, scored2 = _beats(im, tx, img, txt, pos_t[txt], img, ci[txt])
+            cnt_t.index_add_(0, txt, won)
+            resolved += scored + scored2
+        return tiles, fp32_tiles, resolved
 
-    map_threads(block, range(0, n_img, bi), workers)
-    cnt_t = partial_t[0] if partial_t else torch.zeros(n_txt, dtype=torch.long, device=dev)
+    counts = map_threads(block, range(0, n_img, bi), workers)
+    if stats is not None:
+        for key, value in zip(("tiles", "fp32_tiles", "resolved"), map(sum, zip(*counts))):
+            stats[key] = value
+    cnt_t = partial_t[0]
     for extra in partial_t[1:]:
         cnt_t += extra
-    return cnt_i, cnt_t
+    return torch.where(best < 0, n_txt, cnt_i), cnt_t

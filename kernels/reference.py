@@ -52,11 +52,15 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale, *, image_all
 
 
 def _masked_kl_rows(s: torch.Tensor, s_old: torch.Tensor, options: ModxOptions, row_offset: int = 0):
-    """Per-row KL(P' || P) of softmax(s_old/τ) against softmax(s/τ), and the row mask
-    argmax_j s_old[i, j] == row_offset + i (first index on ties)."""
+    """Per-row KL(P' || P) of softmax(s_old/τ) against softmax(s/τ), and the row mask:
+    argmax_j s_old[i, j] == row_offset + i (first index on ties) for selection "correct", every
+    row for "all"."""
     n = s.shape[0]
     idx = torch.arange(n, device=s.device) + row_offset
-    mask = s_old.argmax(dim=1) == idx  # torch.argmax returns the first maximal index
+    if options.selection == "all":
+        mask = torch.ones(n, dtype=torch.bool, device=s.device)
+    else:
+        mask = s_old.argmax(dim=1) == idx  # torch.argmax returns the first maximal index
     x, x_old = s / options.temperature, s_old / options.temperature
     if options.off_diagonal_only:
         eye = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
@@ -107,6 +111,8 @@ def modx_kl_parts(image, text, image_old, text_old, options: ModxOptions = ModxO
     s_all = similarity(image_old_all, text_old_all)
     ar = torch.arange(B, device=s_all.device)
     n_i, n_t = (s_all.argmax(1) == ar).sum(), (s_all.argmax(0) == ar).sum()
+    if options.selection == "all":
+        n_i = n_t = torch.tensor(B, device=s_all.device)
     return (_reduce(kl_i, mask_i, reduction, B, n_i), _reduce(kl_t, mask_t, reduction, B, n_t),
             mask_i.sum(), mask_t.sum())
 

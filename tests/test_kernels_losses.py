@@ -143,7 +143,7 @@ def test_backend_fp16_and_modx_kl_alone(backend):
 
 
 def spec_modx(image, text, image_old, text_old, s, *, alpha, temperature=1.0, reduction="sum",
-              off_diagonal_only=False):
+              off_diagonal_only=False, selection="correct"):
     n = image.shape[0]
     S, So = image @ text.T, image_old @ text_old.T
     ce_rows = [-(F.log_softmax(s * S[i], 0)[i]) for i in range(n)]
@@ -154,7 +154,7 @@ def spec_modx(image, text, image_old, text_old, s, *, alpha, temperature=1.0, re
         total, kept = M.new_zeros(()), 0
         for i in range(n):
             first_max = int(torch.nonzero(Mo[i] == Mo[i].max())[0])
-            if first_max != i:
+            if selection == "correct" and first_max != i:
                 continue
             kept += 1
             cols = [j for j in range(n) if not (off_diagonal_only and j == i)]
@@ -175,7 +175,9 @@ F64_TOL = dict(rtol=1e-12, atol=1e-12)
 
 @pytest.mark.parametrize("bk", F64_BACKENDS)
 @pytest.mark.parametrize("opts", [dict(), dict(temperature=0.3, reduction="mean"),
-                                  dict(temperature=1.5, reduction="kept_mean", off_diagonal_only=True)])
+                                  dict(temperature=1.5, reduction="kept_mean", off_diagonal_only=True),
+                                  dict(temperature=0.4, reduction="mean", selection="all"),
+                                  dict(temperature=1.5, reduction="kept_mean", off_diagonal_only=True, selection="all")])
 def test_float64_against_independent_formula(bk, opts):
     """float64 in, float64 out, computed in float64: modx_loss with its parts, modx_kl and clip_loss
     and their gradients within 1e-12 of the per-row formula."""
@@ -196,7 +198,8 @@ def test_float64_against_independent_formula(bk, opts):
         (total + clip_alone + kl_t + kl).backward()
         res[name] = (values + [i.grad, t.grad, s.grad], (k_i, k_t))
     (want, kept_want), (got, kept_got) = res["spec"], res[bk]
-    assert kept_got == kept_want and 0 < kept_want[0] < 12
+    assert kept_got == kept_want and 0 < kept_want[0] <= 12
+    assert (kept_want == (12, 12)) == (opts.get("selection") == "all")  # "all" keeps the rows "correct" drops
     for a, b in zip(got, want):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b.detach(), **F64_TOL)
@@ -204,7 +207,8 @@ def test_float64_against_independent_formula(bk, opts):
 
 @pytest.mark.parametrize("bk", F64_BACKENDS)
 @pytest.mark.parametrize("data_parallel", [False, True])
-@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.7, reduction="kept_mean", off_diagonal_only=True)])
+@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.7, reduction="kept_mean", off_diagonal_only=True),
+                                  dict(temperature=0.7, reduction="kept_mean", selection="all")])
 def test_float64_gradcheck(bk, data_parallel, opts):
     """Every loss and part against finite differences, full batch and split over two ranks."""
     image, text, image_old, text_old = make(b=8, d=5, seed=0, noise=0.9)
@@ -363,21 +367,55 @@ def test_modx_options_declared_once():
     """The Mod-X options and defaults live in ModxOptions / MODX_ALPHA, and the public signatures
     (unchanged: positional features, keyword-only options) take their defaults from there."""
     defaults = dataclasses.asdict(ModxOptions())
-    assert defaults == {"temperature": 1.0, "reduction": "sum", "off_diagonal_only": False}
+    assert defaults == {"temperature": 1.0, "reduction": "sum", "off_diagonal_only": False, "selection": "correct"}
     assert MODX_ALPHA == 20.0 and REDUCTIONS == ("sum", "mean", "kept_mean")
     assert str(inspect.signature(kernels.clip_loss)) == (
         "(image, text, logit_scale, *, backend='auto', image_all=None, text_all=None, row_offset=0)")
     dp = "image_all=None, text_all=None, image_old_all=None, text_old_all=None, row_offset=0"
     assert str(inspect.signature(kernels.modx_kl)) == (
         "(image, text, image_old, text_old, *, temperature=1.0, reduction='sum', off_diagonal_only=False, "
-        f"backend='auto', {dp})")
+        f"selection='correct', backend='auto', {dp})")
     assert str(inspect.signature(kernels.modx_loss)) == (
         "(image, text, image_old, text_old, logit_scale, *, alpha=20.0, temperature=1.0, reduction='sum', "
-        f"off_diagonal_only=False, backend='auto', {dp})")
+        f"off_diagonal_only=False, selection='correct', backend='auto', {dp})")
     with pytest.raises(ValueError, match="reduction"):
         ModxOptions(reduction="max")
     with pytest.raises(ValueError, match="temperature"):
         ModxOptions(temperature=-1.0)
+    with pytest.raises(ValueError, match="selection"):
+        ModxOptions(selection="kept")
+
+
+def test_selection_all_fp32_torch_against_fp64_and_triton_refuses_it():
+    """Every row kept (LwF's and ZSCL's distillation): the tiled torch kernel, several row tiles,
+    full batch and two ranks, against the float64 dense formula; triton says to use torch."""
+    feats = make(seed=7)
+    opts = dict(alpha=2.0, temperature=0.25, reduction="mean", selection="all")
+    assert first_argmax_kept(*feats[2:])[0] < B  # "correct" would drop rows here
+    truth = {}
+    for name, dtype in (("truth", torch.float64), ("torch", torch.float32)):
+        image, text, image_old, text_old = (t.to(dtype) for t in feats)
+        leaves = image.clone().requires_grad_(), text.clone().requires_grad_()
+        s = torch.tensor(6.0, dtype=dtype, requires_grad=True)
+        bk = "reference" if name == "truth" else "torch"
+        total, p = kernels.modx_loss(*leaves, image_old, text_old, s, backend=bk, **opts)
+        assert int(p["kept_i2t"]) == int(p["kept_t2i"]) == B
+        total.backward()
+        split = 0.0
+        for lo, hi in ((0, 20), (20, B)):
+            part, _ = kernels.modx_loss(leaves[0].detach()[lo:hi], leaves[1].detach()[lo:hi], image_old[lo:hi],
+                                        text_old[lo:hi], s.detach(), backend=bk, image_all=leaves[0].detach(),
+                                        text_all=leaves[1].detach(), image_old_all=image_old,
+                                        text_old_all=text_old, row_offset=lo, **opts)
+            split = split + part
+        truth[name] = [total.detach().double(), split.double(), leaves[0].grad.double(), leaves[1].grad.double(),
+                       s.grad.double()]
+    for a, b in zip(truth["torch"], truth["truth"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(truth["truth"][1], truth["truth"][0], rtol=1e-12, atol=1e-12)
+    image, text, image_old, text_old = (t.float() for t in feats)
+    with pytest.raises(ValueError, match=r"selection='all'.*backend='torch'"):
+        kernels.modx_loss(image, text, image_old, text_old, torch.tensor(2.0), backend="triton", selection="all")
 
 
 def test_torch_backend_under_autocast_and_auto_dispatch():
@@ -405,3 +443,38 @@ def test_single_pair_off_diagonal_is_zero_not_nan(bk):
     assert int(p["kept_i2t"]) == int(p["kept_t2i"]) == 1
     torch.testing.assert_close(i.grad, torch.zeros_like(i), rtol=0, atol=1e-7)
     torch.testing.assert_close(t.grad, torch.zeros_like(t), rtol=0, atol=1e-7)
+
+
+# --- triton backend: dtypes, devices, NaN ---------------------------------------------------------
+
+
+def test_triton_mixed_dtypes_keep_each_gradient_dtype():
+    """bf16 image with fp32 text: computed in fp32, each gradient in its input's dtype (the fp32
+    one not rounded to bf16)."""
+    image, text, image_old, text_old = make(seed=4)
+    grads = {}
+    for bk in ("triton", "reference"):
+        i, t = image.to(torch.bfloat16).requires_grad_(), text.float().requires_grad_()
+        total, _ = kernels.modx_loss(i, t, image_old.float(), text_old.to(torch.bfloat16), torch.tensor(5.0),
+                                     backend=bk)
+        total.backward()
+        grads[bk] = (i.grad, t.grad)
+    assert grads["triton"][0].dtype == torch.bfloat16 and grads["triton"][1].dtype == torch.float32
+    torch.testing.assert_close(grads["triton"][1], grads["reference"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_triton_checks_every_tensor_device():
+    image, text, _, _ = (t.float() for t in make(b=8, d=4))
+    with pytest.raises(RuntimeError, match="logit_scale on meta"):
+        kernels.clip_loss(image, text, torch.tensor(2.0, device="meta"), backend="triton")
+
+
+def test_triton_nan_feature_gives_nan_loss():
+    """A NaN feature, current or old model, makes the triton loss NaN: no max drops it (compiled
+    tl.max ignores NaN), no mask hides it."""
+    image, text, image_old, text_old = (t.float() for t in make(b=20, d=8, seed=6))
+    for k, part in ((0, "clip"), (2, "kl_i2t")):
+        poisoned = [t.clone() for t in (image, text, image_old, text_old)]
+        poisoned[k][3, 1] = float("nan")
+        total, parts = kernels.modx_loss(*poisoned, torch.tensor(3.0), backend="triton")
+        assert torch.isnan(total) and torch.isnan(parts[part])

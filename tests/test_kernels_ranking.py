@@ -91,6 +91,20 @@ def test_topk_torch_segments(block_g):
         assert torch.equal(v, ev) and torch.equal(i, ei), k
 
 
+def test_triton_topk_beyond_the_kernel_k(monkeypatch):
+    """k above the top-k kernel's register list: sorted row chunks of the similarity matrix."""
+    from geomlab.kernels import ranking_triton
+
+    monkeypatch.setattr(ranking_triton, "TOPK_KERNEL_MAX_K", 4)
+    monkeypatch.setattr(ranking_triton, "CHUNK_ELEMS", 45 * 8)  # 8 query rows per chunk
+    q = exact_features(21, 20, 4, dup=[(0, 3)])
+    g = exact_features(45, 20, 5, dup=[(3, 5), (3, 20)])
+    for k in (5, 45):
+        v, i = K.topk(q, g, k, backend="triton")
+        ev, ei = expected_topk(q, g, k)
+        assert torch.equal(v, ev) and torch.equal(i, ei), k
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_topk_random(backend):
     q, g = unit(33, 24, 6), unit(70, 24, 7)
@@ -192,11 +206,86 @@ def test_topk_bf16_candidate_pass_is_exact(data):
         if data == "near_duplicates":  # scores closer than the bf16 error: forces the exact fallback
             gal[:200] = torch.nn.functional.normalize(gal[0] + 1e-3 * torch.randn(200, 40, generator=g), dim=1)
             q[:40] = torch.nn.functional.normalize(gal[0] + 1e-3 * torch.randn(40, 40, generator=g), dim=1)
-    v1, i1 = ranking_torch.topk(q, gal, 7, approx=True, block_g=256)
+    stats = {}
+    v1, i1 = ranking_torch.topk(q, gal, 7, approx=True, block_g=256, stats=stats)
     v0, i0 = ranking_torch.topk(q, gal, 7, approx=False, block_g=256)
     torch.testing.assert_close(v1, v0, rtol=0, atol=1e-6)
-    if data != "near_duplicates":
+    if data == "near_duplicates":
+        assert stats["recomputed"] > 0  # the fp32 pass decided those queries
+    else:
         assert torch.equal(i1, i0)
     # every returned index really has the returned score
     exact = (q.unsqueeze(1) * gal[i1]).sum(-1)
     torch.testing.assert_close(exact, v1, rtol=0, atol=1e-6)
+
+
+def near(x, eps, seed):
+    """x moved by about eps: its scores differ from x's by about eps (|eps| ≥ 1e-4 is far more
+    than fp32 rounding; up to 1e-2 spans the bf16 error)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(x + eps * torch.randn(x.shape, generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("captions_per_image", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ranks_bf16_tiles_resolve_ties_exactly(captions_per_image, dtype):
+    """The bf16 tiles of ranking_torch.retrieval_ranks against near-ties (scores within the bf16
+    error of a positive, in both directions) and exact ties, with captions close to their image
+    (positive scores ≈ 0.9, others ≈ 0: the case the bf16 pass is for). The tiles stay bf16 (small
+    tiles whose band holds sibling captions too may be recounted in fp32), the band entries are
+    decided by exact scores (stats["resolved"]), and the ranks equal the dense fp32 reference."""
+    image = unit(300, 32, 23)
+    image[40:48] = near(image[39], torch.logspace(-4, -2, 8).unsqueeze(1), 1)  # caption 39's near-ties
+    image[60] = image[61]  # exact tie between images
+    ci = torch.arange(300).repeat_interleave(captions_per_image)
+    text = torch.nn.functional.normalize(image[ci] + 0.5 * unit(ci.numel(), 32, 2), dim=1)
+    text[7] = text[5]  # exact tie with caption 5 (and 7)
+    text[20] = near(text[21], 1e-4, 3)  # a near-tie against caption 21's positive
+    image, text = image.to(dtype), text.to(dtype)
+    cap = ci if captions_per_image > 1 else None
+    want = reference.retrieval_ranks(image, text, cap)
+    for block_q, block_g in ((None, None), (64, 100)):  # one tile; ragged, padded tiles
+        stats = {}
+        got = ranking_torch.retrieval_ranks(image, text, cap, block_q=block_q, block_g=block_g,
+                                            approx=True, stats=stats)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (block_q, block_g)
+        assert stats["fp32_tiles"] < stats["tiles"] and stats["resolved"] >= 4, stats
+        assert block_q or stats["fp32_tiles"] == 0, stats
+
+
+def test_ranks_bf16_tiles_fall_back_to_fp32():
+    """Unrelated random features put every positive in the bulk of its row: the bf16 tiles hold
+    too many ambiguous entries and are recounted from fp32 GEMMs, with the same exact ranks."""
+    image, text = unit(300, 24, 24), unit(300, 24, 25)
+    text[9] = text[4]
+    stats = {}
+    got = ranking_torch.retrieval_ranks(image, text, approx=True, block_q=128, stats=stats)
+    want = reference.retrieval_ranks(image, text)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert stats["fp32_tiles"] == stats["tiles"] > 1
+
+
+@pytest.mark.parametrize("d", [24, 256])
+def test_bf16_bounds_hold(d):
+    """The bounds the bf16 passes rest on, checked against this machine's bf16 GEMM: |bf16 score −
+    exact score| ≤ ranking_torch._bf16_error + the rounding of the accumulator to bf16, and the
+    rank bands of both tile dtypes misplace no entry (every entry outside [lo, hi] is on the same
+    side of the positive's exact score, which is what exact ranks need)."""
+    g = torch.Generator().manual_seed(d)
+    a = torch.randn(200, d, generator=g) * torch.rand(200, 1, generator=g) * 4
+    b = torch.nn.functional.normalize(torch.randn(300, d, generator=g), dim=1)
+    b[:50] = near(b[50:100] * 3, 1e-3, 4)
+    ab, ra = ranking_torch._bf16_residuals(a)
+    bb, rb = ranking_torch._bf16_residuals(b)
+    approx = torch.mm(ab, bb.T)
+    exact = a.double() @ b.double().T
+    bound = ranking_torch._bf16_error(a.norm(dim=1), ra, b.norm(dim=1).max(), rb.max(), d).double()
+    assert ((approx.double() - exact).abs() <= bound[:, None] + 2.0 ** -8 * approx.double().abs()).all()
+    exact = exact.float()  # exact scores rounded to fp32, the ones ranks are decided by
+    pos = exact.diagonal()
+    for tile, res_a, res_b in ((approx, ra, rb), (a @ b.T, None, None)):
+        lo, hi = ranking_torch._bands(pos, a.norm(dim=1), res_a, b.norm(dim=1).max(),
+                                      None if res_b is None else res_b.max(), d, tile.dtype)
+        lo, hi = lo[:200, None], hi[:200, None]
+        assert ((tile <= hi) | (exact > pos[:, None])).all() and ((tile >= lo) | (exact < pos[:, None])).all()
+        assert (tile >= lo).logical_and(tile <= hi).float().mean() < 0.1  # the band is narrow
