@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.geomlab-installed
 PYTHON ?= python3
 
-.PHONY: demo test bench browser clean
+.PHONY: demo study test bench browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m geomlab.train --out runs/demo --resume
 	$(PY) -m geomlab.analyze runs/demo
+
+# Every strategy, three seeds: the baseline comparison with confidence intervals (about 30 minutes on 2 cores).
+study: $(STAMP)
+	$(PY) -m geomlab.train --config experiments/shapes_baselines.toml --out runs/study --resume
+	$(PY) -m geomlab.analyze runs/study
 
 # The report test drives a real headless browser; install Debian's chromium when it is missing.
 browser:

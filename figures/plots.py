@@ -119,6 +119,27 @@ def forgetting_curves(a: dict, strategies=None) -> go.Figure:
     return _layout(fig, "Forgetting curves: retrieval on every probe set across checkpoints")
 
 
+def zeroshot_accuracy(a: dict, strategies=None) -> go.Figure:
+    """Zero-shot top-1 accuracy of every zero-shot set across checkpoints, one panel per strategy
+    (the trainer's numbers; gaps where a checkpoint has none)."""
+    fig, names = _grid(a, strategies)
+    sets = list(dict.fromkeys(k for n in names for z in a["strategies"][n].get("zeroshot") or [] if z for k in z))
+    for j, name in enumerate(names, 1):
+        s = a["strategies"][name]
+        x = _labels(s)
+        for k, z in enumerate(sets):
+            y = [(row or {}).get(z) for row in s.get("zeroshot") or []]
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=esc(z), legendgroup=esc(z),
+                                     showlegend=j == 1, line=dict(color=PALETTE[k % len(PALETTE)])), row=1, col=j)
+    fig.update_yaxes(range=[0, 1.02], title_text="top-1 accuracy", col=1)
+    return _layout(fig, "Zero-shot classification: top-1 accuracy across checkpoints")
+
+
+def has_zeroshot(a: dict) -> bool:
+    """Whether any checkpoint of the analysis carries zero-shot accuracies."""
+    return any(z for s in a["strategies"].values() for z in s.get("zeroshot") or [])
+
+
 # ---------------------------------------------------------------------------------------------
 # Spatial Disorder
 
@@ -290,28 +311,26 @@ def _sphere_mesh():
 def sphere(a: dict, strategy: str | None = None) -> go.Figure:
     """Probe embeddings projected on the sphere (3-component PCA fitted at the base checkpoint,
     each point scaled to unit length) at every checkpoint of one strategy, with a slider.
-    Circles: images; diamonds: texts; colour: probe set; hover: the caption."""
+    Colour: probe set; circles: images; diamonds: texts (the legend says both); hover: the caption."""
     name = strategy or next(iter(a["strategies"]))
     s = a["strategies"][name]
     samples = a["sphere"]["samples"]
     domains = a["domains"]
     labels = _labels(s)
     fig = go.Figure([_sphere_mesh()])
-    per = 2
+    per = 2 * len(domains)  # traces per checkpoint: one per (probe set, modality)
     for k, pts in enumerate(s["sphere"]):
-        for mod, symbol in (("image", "circle"), ("text", "diamond")):
-            xs, ys, zs, colors, texts = [], [], [], [], []
-            for di, d in enumerate(domains):
-                caps = samples[d].get("captions")
-                for i, p in enumerate(pts[d][mod]):
-                    xs.append(p[0]), ys.append(p[1]), zs.append(p[2])
-                    colors.append(PALETTE[di % len(PALETTE)])
-                    cap = caps[i] if caps else f"id {samples[d]['ids'][i]}"
-                    texts.append(f"{esc(d)} · {mod}<br>{esc(cap)}")
-            fig.add_trace(go.Scatter3d(x=xs, y=ys, z=zs, mode="markers", name=f"{mod}", visible=k == 0,
-                                       marker=dict(size=3 if mod == "image" else 2.5, color=colors, symbol=symbol,
-                                                   opacity=0.85),
-                                       hovertext=texts, hoverinfo="text"))
+        for di, d in enumerate(domains):
+            caps = samples[d].get("captions")
+            hover = [esc(caps[i] if caps else f"id {samples[d]['ids'][i]}") for i in range(len(pts[d]["image"]))]
+            for mod, symbol in (("image", "circle"), ("text", "diamond")):
+                xyz = pts[d][mod]
+                fig.add_trace(go.Scatter3d(
+                    x=[p[0] for p in xyz], y=[p[1] for p in xyz], z=[p[2] for p in xyz], mode="markers",
+                    name=mod, legendgroup=esc(d), legendgrouptitle_text=f"probe set {esc(d)}", visible=k == 0,
+                    marker=dict(size=3 if mod == "image" else 2.5, color=PALETTE[di % len(PALETTE)], symbol=symbol,
+                                opacity=0.85),
+                    hovertext=[f"{esc(d)} · {mod}<br>{c}" for c in hover], hoverinfo="text"))
     n = len(s["sphere"])
     steps = []
     for k in range(n):
@@ -319,21 +338,51 @@ def sphere(a: dict, strategy: str | None = None) -> go.Figure:
         steps.append(dict(method="restyle", args=[{"visible": vis}], label=labels[k]))
     fig.update_layout(sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="checkpoint: "), pad=dict(t=30))],
                       scene=dict(aspectmode="cube", xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
+                      legend=dict(title_text="colour: probe set · ● image ◆ text", groupclick="togglegroup",
+                                  itemsizing="constant"),
                       height=620, template="plotly_white", margin=dict(l=0, r=0, t=60, b=0),
                       title=f"{esc(name)}: probe embeddings on the sphere (PCA fitted at {esc(a['sphere']['fit_at'])})")
     return fig
 
 
-def figures(a: dict) -> list[tuple[str, str, go.Figure]]:
-    """Every figure of the report, in order, as (section id, section title, figure)."""
-    out = [("accuracy", "Accuracy matrices", accuracy_matrices(a)),
-           ("forgetting", "Forgetting curves", forgetting_curves(a)),
-           ("rotation", "Rotation angles, image against text", rotation_angles(a)),
-           ("topology", "Topology drift", topology_drift(a)),
-           ("rigid", "Rigid share", rigid_share(a)),
-           ("spectrum", "Rotation spectrum", rotation_spectrum(a)),
-           ("deviation", "Inter-modal deviation", deviation(a)),
-           ("flips", "Flip analysis", flips(a))]
+def figures(a: dict) -> list[tuple[str, str, go.Figure, str]]:
+    """Every figure of the report, in order, as (section id, section title, figure, caption): the
+    caption says in a sentence or two what the figure measures and how to read it."""
+    d = _domain(a, None)
+    out = [("accuracy", "Accuracy matrices", accuracy_matrices(a),
+            "A[t][p]: mean R@1 (image→text and text→image) on probe set p after phase t; row 0 is the base model. "
+            "Read down a column to see a probe set forgotten while later phases train on other data."),
+           ("forgetting", "Forgetting curves", forgetting_curves(a),
+            "Mean R@1 on every probe set at every checkpoint, one panel per strategy: a falling line is a probe "
+            "set being forgotten, a rising one a probe set being learned."),
+           *([("zeroshot", "Zero-shot classification", zeroshot_accuracy(a),
+               "Top-1 zero-shot classification accuracy (each image against its set's class names in a prompt) "
+               "at every checkpoint, one line per set; chance is one over the number of classes (1/4 for "
+               "ShapeWorld's shape and colour sets). A falling line: the model loses the concept zero-shot.")]
+             if has_zeroshot(a) else []),
+           ("rotation", "Rotation angles, image against text", rotation_angles(a),
+            f"The angle θ by which each probe {d} embedding turned from the base checkpoint, images (blue) against "
+            "texts (red); boxes span p25–p75, whiskers p10–p90. Higher boxes: the space turned further; a gap "
+            "between the colours: the modalities turned by different amounts."),
+           ("topology", "Topology drift", topology_drift(a),
+            "How much the angles between pairs of probe embeddings changed from the base checkpoint (mean and p90 "
+            "over pairs), averaged over probe sets. A rotation leaves it at 0; it grows when the structure changes."),
+           ("rigid", "Rigid share", rigid_share(a),
+            "The share of the change from the base checkpoint that one orthogonal rotation explains (1: a pure "
+            "rotation), with linear CKA and the mutual 10-NN overlap (1: the same structure), averaged over probe sets."),
+           ("spectrum", "Rotation spectrum", rotation_spectrum(a),
+            f"The eigen-angles of the best-fitting rotation R from the base checkpoint, probe {d}, one row per "
+            "modality: darker cells higher up mean R turns more directions by larger angles."),
+           ("deviation", "Inter-modal deviation", deviation(a),
+            "The two modalities against each other from the base checkpoint, averaged over probe sets: mismatch "
+            "δ = |θ_image − θ_text|, alignment drift Δφ (change in each pair's image–text angle), desync (the "
+            "angles of R_Iᵀ R_T, 0 when both spaces turn together) and the modality gap."),
+           ("flips", "Flip analysis", flips(a),
+            "The share of retrieval queries right at the base checkpoint and wrong now (forgotten) or the reverse "
+            "(learned), and the ROC AUC with which Δφ and δ pick out the forgotten ones (0.5: chance).")]
     for i, name in enumerate(a["strategies"]):
-        out.append((f"sphere-{i}", f"Sphere: {name}", sphere(a, name)))
+        out.append((f"sphere-{i}", f"Sphere: {name}", sphere(a, name),
+                    f"{name}'s probe embeddings on the sphere: a 3-component PCA fitted at {a['sphere']['fit_at']}, "
+                    "each point scaled to unit length; the slider steps through checkpoints. Colour: probe set; "
+                    "circle: image, diamond: text; hover a point for its caption."))
     return out

@@ -2,24 +2,44 @@
 from __future__ import annotations
 
 
+def pair_numbers(g: dict) -> dict:
+    """The main geometry numbers of one PAIR on one probe set (docs/analysis_schema.md): mean rotation
+    per modality, rigid share per modality, desynchronisation, alignment drift, the later checkpoint's
+    modality gap, and the flips of image→text R@1."""
+    return {
+        "rotation_image": g["rotation"]["image"]["mean"], "rotation_text": g["rotation"]["text"]["mean"],
+        "rigid_share_image": g["procrustes"]["image"]["rigid_share"],
+        "rigid_share_text": g["procrustes"]["text"]["rigid_share"],
+        "desync": g["deviation"]["desync"]["mean"], "alignment_drift": g["deviation"]["alignment_drift"]["mean"],
+        "modality_gap": g["deviation"]["modality_gap"]["b"],
+        "forgotten": g["flips"]["image_to_text"]["forgotten"],
+        "auc_alignment_drift": g["flips"]["image_to_text"]["auc_alignment_drift"],
+    }
+
+
+def _mean_defined(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def headline_numbers(a: dict) -> dict[str, dict]:
-    """strategy -> its accuracy (average R@1, mean forgetting, BWT) and, under "vs_base", the
-    geometry of its last checkpoint against the base checkpoint on the first probe set (None when
-    the series has a single checkpoint)."""
-    d0 = a["domains"][0]
+    """strategy -> its accuracy metrics (Last, Avg, BWT, mean forgetting, Transfer; the final R@1 of
+    the probe sets learned at phase 0, "domain 0", and of those learned at the last phase; domain 0's
+    mean forgetting) and, under "vs_base", the geometry of its last checkpoint against the base
+    checkpoint on `geometry_probe` (`pair_numbers`; None when the series has a single checkpoint). `geometry_probe` is the first probe set learned
+    at phase 0, or the first probe set when the run does not say which is."""
     out = {}
     for name, s in a["strategies"].items():
         acc = s["accuracy"]
-        g = s["vs_base"][-1][d0] if len(s["vs_base"]) > 1 and s["vs_base"][-1] else None
+        d0, last = acc.get("domain0"), acc.get("last_domain")
+        probe = d0["probes"][0] if d0 else a["domains"][0]
+        g = s["vs_base"][-1][probe] if len(s["vs_base"]) > 1 and s["vs_base"][-1] else None
         out[name] = {
-            "checkpoints": len(s["checkpoints"]), "average": acc["average"],
-            "mean_forgetting": acc["mean_forgetting"], "bwt": acc["bwt"],
-            "vs_base": g and {
-                "rotation_image": g["rotation"]["image"]["mean"], "rotation_text": g["rotation"]["text"]["mean"],
-                "rigid_share_image": g["procrustes"]["image"]["rigid_share"],
-                "desync": g["deviation"]["desync"]["mean"],
-                "forgotten": g["flips"]["image_to_text"]["forgotten"],
-                "auc_alignment_drift": g["flips"]["image_to_text"]["auc_alignment_drift"],
-            },
+            "checkpoints": len(s["checkpoints"]), "last": acc["last"], "avg": acc["avg"], "bwt": acc["bwt"],
+            "mean_forgetting": acc["mean_forgetting"], "transfer": acc["transfer"],
+            "domain0_r1": d0 and d0["r1"], "last_domain_r1": last and last["r1"], "geometry_probe": probe,
+            "domain0_forgetting": d0 and _mean_defined([acc["forgetting"][a["domains"].index(p)]
+                                                        for p in d0["probes"]]),
+            "vs_base": g and pair_numbers(g),
         }
     return out

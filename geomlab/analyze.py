@@ -1,11 +1,17 @@
-"""python -m geomlab.analyze CKPT_DIR: the geometry of a run, one strategy, or a directory of open_clip
-checkpoints.
+"""python -m geomlab.analyze CKPT_DIR [CKPT_DIR ...]: the geometry of a run, one strategy, or a directory
+of open_clip checkpoints; of a multi-seed run or several runs, a study across seeds.
 
 Reads the probe-embedding traces; embeds checkpoints only where traces are missing (cached under
 OUT/cache/); writes OUT/analysis.json (schema: docs/analysis_schema.md) and OUT/report.html, with
 OUT = CKPT_DIR/analysis unless --out says otherwise. Never writes into CKPT_DIR's checkpoints.
 
-From Python: `geomlab.analyze.analyze(CKPT_DIR, ...)` does the same and returns the analysis.json object.
+A multi-seed run (`--seeds`), or several runs of one experiment given together, is a study: each seed's
+run is analysed into OUT/seedS/, then aggregated across seeds (geomlab.study) into OUT/analysis.json
+and OUT/report.html; OUT = the multi-seed run's analysis/ unless --out says otherwise (required with
+several CKPT_DIRs).
+
+From Python: `geomlab.analyze.analyze(CKPT_DIR, ...)` and `analyze_study([CKPT_DIR, ...], ...)` do the
+same and return the analysis.json object.
 """
 from __future__ import annotations
 
@@ -22,13 +28,15 @@ from tqdm import tqdm
 from geomlab import kernels
 from geomlab.embed import Embedder, Probes, check_probe_spec, load_traces
 from geomlab.figures import headline_numbers, write_report
-from geomlab.geometry import (accuracy_matrix, average_accuracy, bwt, forgetting, metrics_from_ranks,
-                              modality_gap, spatial_disorder)
+from geomlab.geometry import (accuracy_matrix, continual_metrics, learned_at, metrics_from_ranks, modality_gap,
+                              spatial_disorder)
+from geomlab.geometry.checks import check_rows
 from geomlab.geometry.sphere import SPHERE_SAMPLES, SphereProjection
 from geomlab.io import atomic_write_text
 from geomlab.models import check_model_name
-from geomlab.rundir import ANALYSIS, Source, discover
+from geomlab.rundir import ANALYSIS, Source, discover, discover_seeds, is_multi_seed, seed_dir
 from geomlab.runtime import DEVICES, cpu_workers, map_threads, resolve_device, single_threaded
+from geomlab.study import aggregate, summary
 
 SCHEMA_VERSION = "geomlab.analysis/1"
 
@@ -79,6 +87,39 @@ def analyze(ckpt_dir, *, out=None, model: str | None = None, probe: str | None =
     return result
 
 
+def analyze_study(ckpt_dirs, *, out=None, model: str | None = None, probe: str | None = None,
+                  device: str = "auto", exact_limit: int = 20_000, report: bool = True, quiet: bool = False) -> dict:
+    """Analyze a study as `python -m geomlab.analyze` does for a multi-seed run or several runs given
+    together: each seed's run with `analyze` into OUT/seedS/, then the aggregate across seeds into
+    OUT/analysis.json ("geomlab.study/1", docs/analysis_schema.md) and OUT/report.html; returns it.
+
+    OUT = `out`, or the multi-seed run's analysis/ when `ckpt_dirs` is that one run. Runs whose
+    configs differ in more than the seed, repeated seeds, or several CKPT_DIRs without `out` raise a
+    ValueError naming them before anything is written."""
+    ckpt_dirs = [Path(p) for p in ckpt_dirs]
+    runs = discover_seeds(ckpt_dirs)
+    if out is None and len(ckpt_dirs) > 1:
+        raise AnalyzeError("--out is required with several CKPT_DIRs: where the study goes")
+    out = Path(out) if out is not None else ckpt_dirs[0] / ANALYSIS
+    t0 = time.time()
+    analyses, paths = [], {}
+    for r in tqdm(runs, desc="seeds", unit="seed", disable=quiet or None, file=sys.stderr):
+        analyses.append(analyze(r.root, out=out / seed_dir(r.seed), model=model, probe=probe, device=device,
+                                exact_limit=exact_limit, report=report, quiet=True))
+        paths[r.seed] = f"{seed_dir(r.seed)}/analysis.json"
+    result = _jsonable(aggregate(runs, analyses, sources=ckpt_dirs, paths=paths))
+    result["seconds"] = round(time.time() - t0, 2)
+    atomic_write_text(out / "analysis.json", json.dumps(result, separators=(",", ":"), allow_nan=False) + "\n")
+    report_path = write_report(result, out / "report.html") if report else None
+    for p in (out / "analysis.json", report_path):
+        if p is not None:
+            p.chmod(0o644)
+    if not quiet:
+        print(summary(result))
+        print(f"analysis: {out / 'analysis.json'}" + (f"\nreport: {report_path}" if report_path else ""))
+    return result
+
+
 # ----------------------------------------------------------------------------- the analysis
 
 
@@ -103,6 +144,19 @@ def _check_same_probe(tr_a, tr_b, domain, label_a, label_b):
                            "traces must embed the same probe set")
 
 
+def _check_embeddings(source: Source, traces: dict, domains: list) -> None:
+    """Refuse, naming the trace (or the checkpoint it was embedded from) and the probe set, embeddings
+    with NaN, inf or zero rows (a diverged model): no measure turns them into a number."""
+    paths = {c.key: c.trace or c.checkpoint for cks in source.series.values() for c in cks}
+    for key, (tr, _) in traces.items():
+        for d in domains:
+            e = tr.domains[d]
+            try:
+                check_rows(f"{paths[key]}, probe set {d!r}", nonzero=True, image=e.image, text=e.text)
+            except ValueError as err:
+                raise AnalyzeError(str(err)) from None
+
+
 def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int, quiet: bool) -> dict:
     """Every measure over every series of `source` (traces: key -> (Trace, how)); the analysis.json object.
 
@@ -123,6 +177,7 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
     for a, b in pairs:
         for d in domains:
             _check_same_probe(traces[a][0], traces[b][0], d, a, b)
+    _check_embeddings(source, traces, domains)
 
     with single_threaded():
         ranks: dict = {}
@@ -152,7 +207,8 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
         bar.close()
 
         sphere = SphereProjection.fit(first)
-        series = {name: _series(source, cks, traces, per_ckpt, done, sphere, domains)
+        learned, evaluations = _learned(source, domains), source.evaluations()
+        series = {name: _series(source, cks, traces, per_ckpt, done, sphere, domains, learned, evaluations)
                   for name, cks in source.series.items()}
 
     return _jsonable({
@@ -168,9 +224,25 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
     })
 
 
+def _learned(source: Source, domains: list) -> list | None:
+    """t_p of each probe set, from run.json's probe_phases; None (no mapping, nothing guessed) for a
+    plain directory of checkpoints, or a run whose run.json does not map every probe set."""
+    phases = source.run_info.get("probe_phases")
+    if source.kind == "checkpoints" or not isinstance(phases, dict) or not set(domains) <= set(phases):
+        return None
+    return [learned_at(phases[d]) for d in domains]
+
+
+def _probes_learned_at(A, domains: list, learned: list | None, t: int) -> dict | None:
+    """{"probes": the probe sets learned at phase t, "r1": their mean final-row R@1}; None when none is."""
+    cols = [p for p, tp in enumerate(learned or []) if tp == t]
+    return {"probes": [domains[p] for p in cols], "r1": float(A[-1, cols].mean())} if cols else None
+
+
 def _series(source: Source, cks: list, traces: dict, per_ckpt: dict, done: dict, sphere: SphereProjection,
-            domains: list) -> dict:
-    """One strategy's entry of analysis.json: its checkpoints, per-checkpoint measures, pairs and accuracy."""
+            domains: list, learned: list | None, evaluations: dict) -> dict:
+    """One strategy's entry of analysis.json: its checkpoints, per-checkpoint measures, pairs, accuracy
+    and the trainer's zero-shot accuracies."""
     entry = {"checkpoints": [], "retrieval": [], "modality_gap": [], "vs_base": [None], "vs_previous": [None],
              "sphere": []}
     for k, c in enumerate(cks):
@@ -188,14 +260,16 @@ def _series(source: Source, cks: list, traces: dict, per_ckpt: dict, done: dict,
     else:
         rows = [0] + [k for k, c in enumerate(cks) if k and c.phase_end]
     A = accuracy_matrix([per_ckpt[cks[k].key]["retrieval"] for k in rows], domains)
-    f = forgetting(A)
-    T = A.shape[0] - 1
+    # the mapping speaks of phases: it applies when row t is the end of phase t
+    if [cks[k].phase for k in rows] != list(range(len(rows))):
+        learned = None
     entry["accuracy"] = {
         "rows": [cks[k].label for k in rows], "row_checkpoints": rows, "domains": domains, "matrix": A,
-        "average": average_accuracy(A), "forgetting": f,
-        "mean_forgetting": float(f[:min(T, len(domains))].mean()) if T >= 1 and min(T, len(domains)) else float("nan"),
-        "bwt": bwt(A) if source.kind != "checkpoints" else float("nan"),
+        "learned_at": learned, **continual_metrics(A, learned),
+        "domain0": _probes_learned_at(A, domains, learned, 0),
+        "last_domain": _probes_learned_at(A, domains, learned, len(rows) - 1),
     }
+    entry["zeroshot"] = [evaluations.get(c.key, {}).get("zeroshot") for c in cks]
     return entry
 
 
@@ -204,8 +278,10 @@ def _series(source: Source, cks: list, traces: dict, per_ckpt: dict, done: dict,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m geomlab.analyze", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="a geomlab run, one strategy's directory, or a directory of open_clip checkpoints")
-    p.add_argument("--out", help="output directory (default CKPT_DIR/analysis)")
+    p.add_argument("ckpt_dirs", nargs="+", metavar="CKPT_DIR",
+                   help="a geomlab run, one strategy's directory, or a directory of open_clip checkpoints; "
+                        "a multi-seed run or several runs of one experiment: a study across seeds")
+    p.add_argument("--out", help="output directory (default CKPT_DIR/analysis; required with several CKPT_DIRs)")
     p.add_argument("--model", help="open_clip architecture of plain checkpoints (e.g. geomlab-tiny, ViT-B-32)")
     p.add_argument("--probe", help="probe data to embed with: 'shapes' or an experiment config .toml")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (for embedding checkpoints)")
@@ -224,10 +300,11 @@ def print_summary(result: dict, out: Path, report: Path | None) -> None:
     print(f"analysed {src['kind']} {src['path']}: {len(result['strategies'])} series, "
           f"{len(result['domains'])} probe sets, {result.get('seconds', 0):.1f} s")
     for name, h in headline_numbers(result).items():
-        line = f"  {name:<12} avg R@1 {_fmt(h['average'])}  BWT {_fmt(h['bwt'], '+.3f')}"
+        line = (f"  {name:<12} Last {_fmt(h['last'])}  Avg {_fmt(h['avg'])}  BWT {_fmt(h['bwt'], '+.3f')}"
+                f"  forgetting {_fmt(h['mean_forgetting'])}  Transfer {_fmt(h['transfer'])}")
         g = h["vs_base"]
         if g:
-            line += (f"  | {result['domains'][0]} vs base: θ img {_fmt(g['rotation_image'], '.1f')}° txt "
+            line += (f"  | {h['geometry_probe']} vs base: θ img {_fmt(g['rotation_image'], '.1f')}° txt "
                      f"{_fmt(g['rotation_text'], '.1f')}°  rigid {_fmt(g['rigid_share_image'], '.2f')}"
                      f"  desync {_fmt(g['desync'], '.1f')}°"
                      f"  AUC(Δφ→forgot) {_fmt(g['auc_alignment_drift'], '.2f')}")
@@ -239,9 +316,13 @@ def print_summary(result: dict, out: Path, report: Path | None) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    options = dict(out=args.out, model=args.model, probe=args.probe, device=args.device,
+                   exact_limit=args.exact_limit, report=not args.no_report, quiet=args.quiet)
     try:
-        analyze(args.ckpt_dir, out=args.out, model=args.model, probe=args.probe, device=args.device,
-                exact_limit=args.exact_limit, report=not args.no_report, quiet=args.quiet)
+        if len(args.ckpt_dirs) > 1 or is_multi_seed(args.ckpt_dirs[0]):
+            analyze_study(args.ckpt_dirs, **options)
+        else:
+            analyze(args.ckpt_dirs[0], **options)
     except (ValueError, FileNotFoundError) as e:  # bad input; an unreadable trace or checkpoint names the file
         print(f"geomlab.analyze: error: {e}", file=sys.stderr)
         return 2

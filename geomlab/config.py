@@ -35,8 +35,9 @@ class TableList:
 # One source of real image-text data in a "datasets" stream ([[data.sources]], geomlab.data.phases).
 SOURCE_TEMPLATE: dict = {
     "name": "",                  # phase / probe names derive from it
-    "format": "",                # coco | karpathy | csv | wds
-    "role": "train",             # train (phases) | probe (probe sets)
+    "format": "",                # coco | karpathy | csv | wds | imagefolder (role = "zeroshot" only)
+    "role": "train",             # train (phases) | probe (probe sets) | zeroshot (zero-shot classification)
+                                 # | reference (held-out pairs ZSCL distils on)
     "path": "",                  # annotation JSON, Karpathy JSON, CSV/TSV file, or tar shards ("a-{000..009}.tar")
     "images": "",                # image folder (coco, karpathy; csv: default = the CSV's folder)
     "splits": ["train"],         # karpathy: which "split" values to keep (train, restval, val, test)
@@ -44,12 +45,14 @@ SOURCE_TEMPLATE: dict = {
     "shuffle": False,            # seeded permutation before the index split (paper: contiguous, false)
     "key": "",                   # split by this column (csv) / image field (json) / member extension (wds)
     "key_values": [],            # phase order of the key's values (default: sorted)
-    "limit": 0,                  # keep only the first `limit` images (0 = all)
+    "limit": 0,                  # keep only the first `limit` images (0 = all; imagefolder: per class)
     "img_key": "filepath",       # csv: image column (open_clip's --csv-img-key)
     "caption_key": "title",      # csv: caption column (open_clip's --csv-caption-key)
     "separator": "",             # csv: "" = tab for .tsv/.tab files, comma otherwise
     "image_ext": ["jpg", "jpeg", "png", "webp"],   # wds: image member extensions
     "caption_ext": "txt",        # wds: caption member extension (one caption per line)
+    "measures": [],              # probe: the train source(s) whose data it measures (learned at their last phase)
+    "templates": ["a photo of a {}."],  # zeroshot: prompt templates, "{}" = the class (folder) name
 }
 
 # Every valid key with its default. A list default means "list of that element type"; a dict is a
@@ -58,6 +61,7 @@ SCHEMA: dict = {
     "run": {
         "name": "run",
         "seed": 0,
+        "seeds": [],                 # [0, 1, 2]: one complete run per seed under one directory ([] = run.seed only)
         "device": "auto",            # one of DEVICES; auto = cuda when available, else cpu
         "strategies": ["finetune", "modx", "joint"],
     },
@@ -69,14 +73,19 @@ SCHEMA: dict = {
     "data": {
         "stream": "shapes",
         "probe_size": 200,
+        "probe_cache_mb": 2048,      # real data: probe images are decoded once, before training, and kept
+                                     # decoded (uint8, 3·S·S bytes each) up to this many MiB; 0 = re-decode
+                                     # at every checkpoint (in data.num_workers DataLoader workers)
         "on_bad_sample": "error",    # error | skip
         "num_workers": 0,
-        "shapes": {"domains": 5, "train_size": 4000},
+        "shapes": {"domains": 5, "train_size": 4000,
+                   "reference_size": 1000},  # base-domain pairs of the reference split (ZSCL), 0 = none
         "root": "",                  # real data: relative source paths resolve against it ("" = cwd)
         "datasets": {                # options of the "datasets" stream (real data, geomlab.data.phases)
             "train_captions": "all",     # all: every caption is a pair | first | random: one per image
             "augment": False,            # true: open_clip's training transform (random crop)
-            "verify_images": False,      # decode every image up front (always done with on_bad_sample=skip)
+            "verify_images": False,      # decode every training image up front (always done with
+                                         # on_bad_sample=skip; probe images always are)
         },
         "sources": TableList(SOURCE_TEMPLATE),
     },
@@ -97,8 +106,38 @@ SCHEMA: dict = {
     },
     "finetune": {},
     # alpha, temperature, reduction, off_diagonal_only: Mod-X's options, with the kernels' defaults
-    "modx": {"alpha": MODX_ALPHA, **dataclasses.asdict(ModxOptions())},
+    # (not the KL's row selection: keeping the rows the old model retrieves correctly IS Mod-X)
+    "modx": {"alpha": MODX_ALPHA,
+             **{k: v for k, v in dataclasses.asdict(ModxOptions()).items() if k != "selection"}},
     "joint": {},
+    # The baselines' options: formulas and how each default was chosen in the README, "The strategies".
+    "lwf": {
+        "weight": 1.0,               # λ, weight of the distillation term (≥ 0)
+        "temperature": 2.0,          # T, distillation temperature on logit-scaled similarities (> 0)
+    },
+    "ewc": {
+        "weight": 1000.0,            # λ of the penalty (λ/2)·Σ F·(θ − θ*)² (≥ 0)
+        "fisher_batches": 20,        # batches of a phase's data its diagonal Fisher is averaged over
+    },
+    "er": {
+        "buffer_size": 500,          # samples the reservoir keeps over every phase seen
+        "replay_fraction": 0.25,     # share of each batch drawn from the buffer, in [0, 1)
+    },
+    "der": {
+        "buffer_size": 500,
+        "replay_fraction": 0.25,
+        "alpha": 1.0,                # weight of the embedding MSE on replayed samples (≥ 0)
+        "beta": 0.0,                 # weight of the CLIP loss on replayed samples (DER++; 0 = DER)
+    },
+    "wise": {
+        "alpha": 0.5,                # weight of the fine-tuned model: θ ← (1 − α)·θ_start + α·θ_end
+    },
+    "zscl": {
+        "weight": 1.0,               # λ, weight of the distillation from the base model (≥ 0)
+        "temperature": 2.0,          # T
+        "avg_freq": 15,              # steps between the weight ensemble's samples
+        "reference_batch_size": 16,  # reference pairs per step
+    },
 }
 
 CHOICES = {
@@ -106,10 +145,46 @@ CHOICES = {
     ("model", "precision"): ("fp32", "bf16", "fp16", "amp", "amp_bf16"),
     ("data", "on_bad_sample"): ("error", "skip"),
     ("data", "datasets", "train_captions"): ("all", "first", "random"),
-    ("data", "sources", "format"): ("coco", "karpathy", "csv", "wds"),
-    ("data", "sources", "role"): ("train", "probe"),
+    ("data", "sources", "format"): ("coco", "karpathy", "csv", "wds", "imagefolder"),
+    ("data", "sources", "role"): ("train", "probe", "reference", "zeroshot"),
     ("modx", "reduction"): REDUCTIONS,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: lo ≤ value ≤ hi, an end left out when None or made strict."""
+    lo: float | None = None
+    hi: float | None = None
+    strict_lo: bool = False
+    strict_hi: bool = False
+
+    def __contains__(self, v) -> bool:
+        return ((self.lo is None or (v > self.lo if self.strict_lo else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.strict_hi else v <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.strict_lo else '>='} {self.lo}"
+        return f"in {'(' if self.strict_lo else '['}{self.lo}, {self.hi}{')' if self.strict_hi else ']'}"
+
+
+NON_NEGATIVE, POSITIVE, AT_LEAST_ONE = Range(0), Range(0, strict_lo=True), Range(1)
+RANGES = {
+    ("data", "shapes", "reference_size"): NON_NEGATIVE,
+    ("lwf", "weight"): NON_NEGATIVE, ("lwf", "temperature"): POSITIVE,
+    ("ewc", "weight"): NON_NEGATIVE, ("ewc", "fisher_batches"): AT_LEAST_ONE,
+    ("er", "buffer_size"): AT_LEAST_ONE, ("er", "replay_fraction"): Range(0, 1, strict_hi=True),
+    ("der", "buffer_size"): AT_LEAST_ONE, ("der", "replay_fraction"): Range(0, 1, strict_hi=True),
+    ("der", "alpha"): NON_NEGATIVE, ("der", "beta"): NON_NEGATIVE,
+    ("wise", "alpha"): Range(0, 1),
+    ("zscl", "weight"): NON_NEGATIVE, ("zscl", "temperature"): POSITIVE,
+    ("zscl", "avg_freq"): AT_LEAST_ONE, ("zscl", "reference_batch_size"): AT_LEAST_ONE,
+}
+
+
+# The element type of a list key whose default is empty (other lists: their first default's type).
+EMPTY_LIST_ELEMENT = {"run.seeds": 0}
 
 
 class ConfigError(ValueError):
@@ -139,7 +214,8 @@ def _check_value(key: str, value, default):
     elif isinstance(default, str):
         ok = isinstance(value, str)
     elif isinstance(default, list):
-        elem = default[0] if default else ""
+        elem = default[0] if default else EMPTY_LIST_ELEMENT.get(key, "")
+        default = default or [elem]  # so that the message names the element type
         if isinstance(value, str) and isinstance(elem, str):  # "a,b" for a list of strings
             value = [v.strip() for v in value.split(",") if v.strip()]
         ok = isinstance(value, list) and all(isinstance(v, type(elem)) for v in value)
@@ -173,9 +249,12 @@ def _merge(base: dict, update: dict, schema: dict, prefix: str = "") -> None:
             _merge(base.setdefault(key, {}), value, schema[key], prefix=f"{path}.")
         else:
             value = _check_value(path, value, schema[key])
-            choices = CHOICES.get(tuple(re.sub(r"\[\d+\]", "", path).split(".")))
+            where = tuple(re.sub(r"\[\d+\]", "", path).split("."))
+            choices = CHOICES.get(where)
             if choices and value not in choices:
                 raise ConfigError(f"config key {path!r} must be one of {', '.join(choices)}, got {value!r}")
+            if where in RANGES and value not in RANGES[where]:
+                raise ConfigError(f"config key {path!r} must be {RANGES[where]}, got {value!r}")
             base[key] = value
 
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from geomlab.config import load_config
 from geomlab.data import ProbeSet, build_stream, shapes
+from geomlab.data.readers import ImageDataset
 from geomlab.io import load_checkpoint
 from geomlab.models import create_model, image_size, state_dict_of
 from geomlab.rundir import Checkpoint, Source
@@ -23,12 +24,18 @@ class EmbedError(ValueError):
 
 
 @torch.no_grad()
-def embed_probe(model, tokenizer, probe: ProbeSet, device, batch_size: int = 256) -> DomainEmbeddings:
-    """L2-normalised image and text features of one probe set."""
+def embed_probe(model, tokenizer, probe: ProbeSet, device, batch_size: int = 256,
+                num_workers: int = 0) -> DomainEmbeddings:
+    """L2-normalised image and text features of one probe set. Images that are not held decoded
+    (real data over data.probe_cache_mb) are decoded by `num_workers` DataLoader workers."""
     was_training = model.training
     model.eval()
     images = []
-    for batch in DataLoader(probe.images, batch_size=batch_size, shuffle=False):
+    if isinstance(probe.images, ImageDataset):  # real data: held decoded, or decoded by workers
+        batches = probe.images.batches(batch_size, device, num_workers)
+    else:  # ShapeWorld's rendered images
+        batches = DataLoader(probe.images, batch_size=batch_size, shuffle=False)
+    for batch in batches:
         images.append(F.normalize(model.encode_image(batch.to(device)).float(), dim=-1).cpu())
     texts = []
     captions = list(probe.captions)

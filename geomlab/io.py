@@ -1,4 +1,8 @@
-"""Atomic file writes and safe checkpoint loading: what other runs depend on is never half-written."""
+"""Atomic file writes and safe checkpoint loading: what other runs depend on is never half-written.
+
+A write that fails (disk full, file too large, no permission) raises WriteError naming the file,
+and leaves the file as it was before.
+"""
 from __future__ import annotations
 
 import json
@@ -10,28 +14,70 @@ from typing import Any, Callable
 import torch
 
 
+class WriteError(OSError):
+    """A file could not be written: WriteError(errno, reason, path); str() names the file and the
+    system's reason."""
+
+    @classmethod
+    def of(cls, path, error: OSError) -> "WriteError":
+        return cls(error.errno, error.strerror or str(error), str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+class _KeepWriteError:
+    """A file object that remembers the first OSError its writes raised: torch.save reports a
+    failed write as a RuntimeError ("unexpected pos ...") that names neither the file nor why."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):  # everything else is the file's own
+        return getattr(self.f, name)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via `write(fileobj)` to a temporary file beside `path`, fsync, then rename over it."""
+    """Write via `write(fileobj)` to a temporary file beside `path`, fsync, then rename over it.
+    Any failure removes the temporary file; an OSError (of the write, or inside `write`) is raised
+    as WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, mode) as f:
-            write(f)
+            kept = _KeepWriteError(f)
+            try:
+                write(kept)
+            except Exception as e:
+                if kept.error is not None and not isinstance(e, OSError):
+                    raise kept.error from e
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError.of(path, e) from e
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -47,11 +93,30 @@ def atomic_torch_save(path, obj) -> None:
 
 
 def append_jsonl(path, obj) -> None:
-    """Append one JSON line and fsync it (metrics.jsonl is append-only; a torn last line is ignored on read)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line and fsync it (metrics.jsonl is append-only; a torn last line is ignored
+    on read). A failed append is cut off again, so the file ends where it did, and raises WriteError."""
+    path = Path(path)
+    line = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WriteError.of(path, e) from e
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass  # the torn line is then skipped on read, and rewritten by --resume
+            raise WriteError.of(path, e) from e
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path) -> list[dict]:

@@ -1,6 +1,9 @@
-"""open_clip models: geomlab's small JSON configs registered with open_clip, and local weights."""
+"""open_clip models: geomlab's small JSON configs registered with open_clip, open_clip's pretrained
+tags (downloaded and cached by open_clip) and local weights (loaded by geomlab)."""
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -8,6 +11,28 @@ import torch
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
+
+# What open_clip logs on the root logger about weights geomlab handles itself: the "initialized
+# randomly" warning (geomlab loads a local file right after, or trains from scratch on purpose) and
+# the download failure it raises again as an error of its own.
+_HANDLED_MESSAGES = ("No pretrained weights loaded for model", "Failed to download weights for tag")
+
+
+class _DropHandled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_HANDLED_MESSAGES)
+
+
+@contextmanager
+def _quiet_weight_messages():
+    """Inside: open_clip's messages about weights geomlab handles itself are dropped (a filter on the
+    root logger, where open_clip logs them, removed on exit); every other message passes."""
+    root, drop = logging.getLogger(), _DropHandled()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def register_model_configs() -> None:
@@ -30,6 +55,37 @@ def check_model_name(name: str) -> None:
                          "or any open_clip architecture (open_clip.list_models())")
 
 
+def pretrained_kind(name: str, pretrained: str | None) -> str:
+    """What `pretrained` names for model `name`: "" (nothing: random initialisation), "file" (a local
+    open_clip or geomlab checkpoint) or "tag" (one of open_clip's pretrained tags for the model,
+    open_clip.list_pretrained()). ValueError otherwise, listing the model's tags."""
+    if not pretrained:
+        return ""
+    if Path(pretrained).expanduser().is_file():
+        return "file"
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        return "tag"
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if "/" in pretrained or "\\" in pretrained or Path(pretrained).suffix:
+        raise ValueError(f"{pretrained} does not exist (a local checkpoint file"
+                         f"{', or one of the open_clip tags of ' + name + ': ' + ', '.join(tags) if tags else ''})")
+    if tags:
+        raise ValueError(f"{pretrained!r} is neither a file nor an open_clip pretrained tag of {name}; "
+                         f"its tags: {', '.join(tags)}")
+    raise ValueError(f"{pretrained!r} is not a file, and {name} has no open_clip pretrained tags: "
+                     "pass a local checkpoint file")
+
+
+def _download_error(name: str, tag: str, error: Exception) -> ValueError:
+    """One line: which weights could not be downloaded, why, and how to pass them as a file."""
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub = cfg.get("hf_hub", "")
+    where = f"huggingface.co/{hub.rstrip('/')}" if hub else cfg.get("url", "its url")
+    why = str(error).split("Last error: ")[-1].split(". ")[0].strip().rstrip(".")
+    return ValueError(f"model.pretrained: open_clip cannot download the {tag!r} weights of {name} ({why}); with no network, "
+                      f"fetch them elsewhere (from {where}) and pass the file: --pretrained PATH")
+
+
 def state_dict_of(checkpoint: dict) -> dict:
     """The model weights inside an open_clip/geomlab checkpoint (also accepts a bare state dict)."""
     sd = checkpoint.get("state_dict", checkpoint)
@@ -42,16 +98,22 @@ def create_model(name: str, pretrained: str | None = None, precision: str = "fp3
                  device: str | torch.device = "cpu"):
     """(model, transforms, tokenizer), as open_clip.create_model_and_transforms builds them;
     transforms = {"train": open_clip's training image transform, "val": its evaluation one}.
-    `pretrained` is a local checkpoint path, loaded here; nothing is ever downloaded."""
+    `pretrained`: an open_clip pretrained tag of the model (open_clip downloads and caches the
+    weights, and its transforms follow the tag), or a local checkpoint file, loaded here."""
     from .io import load_checkpoint
 
     check_model_name(name)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=None, precision=precision, device=device)
-    if pretrained:
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"model.pretrained: {pretrained} does not exist")
-        sd = state_dict_of(load_checkpoint(pretrained))
+    kind = pretrained_kind(name, pretrained)
+    with _quiet_weight_messages():
+        try:
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained if kind == "tag" else None, precision=precision, device=device)
+        except RuntimeError as e:
+            if kind == "tag" and str(e).startswith("Failed to download"):
+                raise _download_error(name, pretrained, e) from None
+            raise
+    if kind == "file":
+        sd = state_dict_of(load_checkpoint(Path(pretrained).expanduser()))
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"{pretrained}: weights do not fit model {name!r} "

@@ -3,29 +3,45 @@ analyser that reads it (docs/definitions.md, "Run directory").
 
     runs/NAME/
       config.toml  run.json
+      train.lock                     flock-ed by the one trainer writing the run (RunDir.lock)
       base/ finetune/ ...            one directory per strategy (its `strategy_dir`; "base" is phase 0)
         checkpoints/phaseP_stepSSSSSS.pt
         traces/phaseP_stepSSSSSS.safetensors
         metrics.jsonl  state.pt
+        strategy_state/phaseP.safetensors   a strategy's cross-phase state at the start of phase P
+      tensorboard/STRATEGY_DIR/seedS/  event files, with `--report-to tensorboard`
       analysis/                      written by geomlab.analyze
+
+    runs/NAME/                       a multi-seed run (run.seeds = [0, 1, ...]):
+      config.toml  run.json          the config with run.seeds; run.json lists "seeds" and "seed_dirs"
+      seed0/ seed1/ ...              one complete run each, as above (its config: run.seed = s, run.seeds = [])
+      analysis/                      the study across seeds, and analysis/seedS/ each seed's analysis
 
 `discover` also reads one strategy's directory on its own and plain directories of open_clip
 checkpoints (`epoch_N.pt`, ...).
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import re
+import shutil
 import sys
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import open_clip
 import torch
+from safetensors.torch import load_file as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 from geomlab.config import tomllib
-from geomlab.io import append_jsonl, atomic_write_json, atomic_write_text, load_checkpoint, read_jsonl
+from geomlab.io import (WriteError, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
+                        load_checkpoint, read_jsonl)
 
 CHECKPOINTS, TRACES = "checkpoints", "traces"
 ANALYSIS = "analysis"  # the analyser's default output directory inside CKPT_DIR
@@ -45,13 +61,42 @@ def mean_r1(metrics: dict) -> float:
     return 0.5 * (metrics["image_to_text_R@1"] + metrics["text_to_image_R@1"])
 
 
-def _first_difference(a, b, prefix=""):
+def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Every dotted config key whose value differs between `a` and `b`, sorted."""
+    out = []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-                return _first_difference(a[key], b[key], f"{prefix}{key}.")
-            return f"{prefix}{key}"
-    return None
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out += config_differences(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def seed_dir(seed: int) -> str:
+    """The directory of one seed's run inside a multi-seed run: seed3."""
+    return f"seed{seed}"
+
+
+# What `--resume` may change: how the optimizer steps and what is logged, never what is trained or
+# for how many steps (README, "Resume").
+RESUME_MAY_CHANGE = ("train.lr", "train.weight_decay", "train.eps", "train.beta1", "train.beta2",
+                     "train.warmup_fraction", "train.log_every", "train.eval_batch_size", "data.num_workers")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
+
+
+def _dotted(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 # ----------------------------------------------------------------------------- reading
@@ -85,6 +130,16 @@ class Source:
     series: dict               # name -> list[Checkpoint] (first = the base phase-0 end checkpoint for runs)
     run_info: dict             # run.json, or {}
     config_path: Path | None   # the run's config.toml, when there is one
+
+    def evaluations(self) -> dict[str, dict]:
+        """Checkpoint key -> the trainer's "eval" row for it in its metrics.jsonl ({} for a plain
+        directory of checkpoints, which has none)."""
+        if self.kind == "checkpoints":
+            return {}
+        run = RunDir(self.root if self.kind == "run" else self.root.parent)
+        dirs = {c.strategy_dir for cks in self.series.values() for c in cks}
+        return {f"{d}/{r['checkpoint']}": r for d in sorted(dirs) for r in read_jsonl(run.metrics_path(d))
+                if r.get("kind") == "eval" and "checkpoint" in r}
 
 
 def _natural_key(name: str):
@@ -130,6 +185,9 @@ def discover(root) -> Source:
     if (root / "run.json").is_file() or _is_strategy_path(root / "base"):
         run = RunDir(root)
         run_info = run.run_json()
+        if "seeds" in run_info:
+            raise RunDirError(f"{root} is a multi-seed run: analyse it as a study (geomlab.analyze.analyze_study), "
+                              f"or one seed's directory, e.g. {root / run_info['seed_dirs'][0]}")
         base_end = [c for c in run.checkpoints("base") if c.phase == 0 and c.phase_end]
         if not base_end:
             raise RunDirError(f"{root}: no phase-0 end checkpoint or trace in {root / 'base'}")
@@ -159,7 +217,69 @@ def discover(root) -> Source:
     return Source("checkpoints", root, {cks[0].strategy_dir: cks}, {}, None)
 
 
+# Keys that may differ between runs analysed together as one study: what makes them different seeds.
+SEED_KEYS = ("run.name", "run.seed", "run.seeds")
+
+
+@dataclass
+class SeedRun:
+    """One complete single-seed run of a study."""
+    seed: int
+    root: Path
+    config: dict               # its config.toml
+
+
+def is_multi_seed(root) -> bool:
+    """Whether `root` is a multi-seed run (its run.json lists "seeds")."""
+    return Path(root).is_dir() and "seeds" in RunDir(root).run_json()
+
+
+def discover_seeds(paths) -> list[SeedRun]:
+    """The single-seed runs that `paths` hold together, in order: each multi-seed run's seed
+    directories, each other path as one run. Every run needs its config.toml; the seeds must be
+    distinct and the configs equal in everything but SEED_KEYS (else RunDirError naming the keys)."""
+    runs: list[SeedRun] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise RunDirError(f"CKPT_DIR {path} does not exist" if not path.exists() else
+                              f"CKPT_DIR {path} is not a directory")
+        info = RunDir(path).run_json()
+        roots = [path / d for d in info["seed_dirs"]] if "seeds" in info else [path]
+        for root in roots:
+            run = RunDir(root)
+            if not run.config_path.is_file():
+                raise RunDirError(f"{root}: no config.toml; runs analysed together must be geomlab runs")
+            try:
+                config = tomllib.loads(run.config_path.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise RunDirError(f"{run.config_path} is not a readable config ({e})") from None
+            runs.append(SeedRun(config["run"]["seed"], root, config))
+    seen: dict[int, Path] = {}
+    for r in runs:
+        if r.seed in seen:
+            raise RunDirError(f"seed {r.seed} appears twice ({seen[r.seed]} and {r.root}); "
+                              "runs analysed together must have distinct seeds")
+        seen[r.seed] = r.root
+    for r in runs[1:]:
+        keys = [k for k in config_differences(runs[0].config, r.config) if k not in SEED_KEYS]
+        if keys:
+            raise RunDirError(f"{runs[0].root} and {r.root} differ in more than the seed: {', '.join(keys)}")
+    return runs
+
+
 # ----------------------------------------------------------------------------- one run
+
+
+class RunLock:
+    """The trainer's hold on its run directory (RunDir.lock): an flock on train.lock."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops the lock
+            self.fd = None
 
 
 class RunDir:
@@ -178,6 +298,10 @@ class RunDir:
     def run_json_path(self) -> Path:
         return self.root / "run.json"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "train.lock"
+
     def strategy_path(self, strategy_dir: str) -> Path:
         return self.root / strategy_dir
 
@@ -193,31 +317,118 @@ class RunDir:
     def state_path(self, strategy_dir: str) -> Path:
         return self.root / strategy_dir / "state.pt"
 
+    def strategy_state_path(self, strategy_dir: str, phase: int) -> Path:
+        """What a strategy carries from phase to phase (EWC's Fisher and θ*, a replay buffer), as it
+        stands at the start of `phase`."""
+        return self.root / strategy_dir / "strategy_state" / f"phase{phase}.safetensors"
+
+    def save_strategy_state(self, strategy_dir: str, phase: int, tensors: dict) -> None:
+        # contiguous clones: safetensors refuses views and tensors that share memory
+        blob = safetensors_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+        atomic_write(self.strategy_state_path(strategy_dir, phase), lambda f: f.write(blob))
+
+    def load_strategy_state(self, strategy_dir: str, phase: int) -> dict | None:
+        """The tensors save_strategy_state wrote for `phase`, or None when there are none."""
+        path = self.strategy_state_path(strategy_dir, phase)
+        if not path.is_file():
+            return None
+        try:
+            return safetensors_load(path)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise RunDirError(f"{path}: not a readable safetensors file ({e})") from e
+
+    def tensorboard_path(self, strategy_dir: str, seed: int) -> Path:
+        """TensorBoard event files of one strategy directory and seed (`--report-to tensorboard`)."""
+        return self.root / "tensorboard" / strategy_dir / f"seed{seed}"
+
+    def failed_start(self) -> bool:
+        """The directory holds a run that stopped before its first checkpoint (config.toml, run.json,
+        perhaps metrics, but no checkpoint and no saved state): it is begun again, whatever its config."""
+        return (self.config_path.is_file() and not any(self.root.rglob(f"{CHECKPOINTS}/*.pt"))
+                and not any(self.root.rglob("state.pt")))
+
+    def seed_run(self, seed: int) -> "RunDir":
+        """One seed's complete run inside this multi-seed run."""
+        return RunDir(self.root / seed_dir(seed))
+
     # -- creation
 
-    def check(self, config: dict, config_text: str, resume: bool) -> None:
-        """Check that the directory is free, or holds this very run (with --resume). Writes nothing."""
+    def check(self, config: dict, config_text: str, resume: bool) -> dict:
+        """Check that the directory is free, or holds this very run (with --resume), which may differ
+        only in RESUME_MAY_CHANGE keys. Writes nothing; returns those changes, {key: [old, new]}."""
         stored = self.config_path
-        if stored.exists():
+        if stored.exists() and not self.failed_start():
             try:
                 old = tomllib.loads(stored.read_text())
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise RunDirError(f"{stored} is not a readable config ({e}); choose another --out") from None
-            diff = _first_difference(old, tomllib.loads(config_text))
-            if diff:
-                raise RunDirError(f"{self.root} holds a different run (config key {diff!r} differs); "
-                                  "choose another --out")
+            new = tomllib.loads(config_text)
+            diffs = config_differences(old, new)
+            fixed = [k for k in diffs if k not in RESUME_MAY_CHANGE]
+            if fixed:
+                raise RunDirError(f"{self.root} holds a different run (config key {fixed[0]!r} differs); "
+                                  "choose another --out (only a run that stopped before its first checkpoint "
+                                  "is begun again with a new config)")
             if not resume:
-                raise RunDirError(f"{self.root} already holds this run; pass --resume to continue it "
-                                  "or choose another --out")
-            return
-        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+                changed = f" (with a different {', '.join(diffs)})" if diffs else ""
+                raise RunDirError(f"{self.root} already holds this run{changed}; pass --resume to continue it "
+                                  f"{'with the new values ' if diffs else ''}or choose another --out")
+            return {k: [_dotted(old, k), _dotted(new, k)] for k in diffs}
+        # (a lock file alone: a trainer stopped before it wrote anything)
+        if self.root.exists() and not stored.exists() and (
+                not self.root.is_dir() or any(p != self.lock_path for p in self.root.iterdir())):
             raise RunDirError(f"{self.root} exists and is not a geomlab run directory; choose another --out")
+        return {}
+
+    def lock(self) -> "RunLock":
+        """Become the run directory's one writer (creating the directory), or raise RunDirError naming
+        the process that is. The kernel drops the lock when its process ends, however it ends."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise WriteError.of(self.lock_path, e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = b""
+            for _ in range(50):  # the holder writes its name just after it locks
+                holder = os.pread(fd, 4096, 0).strip()
+                if holder:
+                    break
+                time.sleep(0.02)
+            os.close(fd)
+            pid, _, command = holder.decode(errors="replace").partition(" ")
+            who = f"pid {pid}: {command}" if pid else "a process that has not said which"
+            if pid.isdigit() and not _alive(int(pid)):
+                who += "; it has ended, processes it started still hold the lock: retry in a few seconds"
+            raise RunDirError(f"{self.root} is being written by another trainer ({who}); "
+                              "wait for it to finish or stop it, then rerun with --resume") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)}\n".encode(), 0)
+        except OSError as e:
+            os.close(fd)
+            raise WriteError.of(self.lock_path, e) from e
+        return RunLock(fd)
 
     def create(self, config_text: str) -> None:
-        if not self.config_path.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
+        """Write config.toml (again, when a resume changed one of RESUME_MAY_CHANGE). A failed start's
+        files go first: the run begins again."""
+        if self.failed_start():
+            for p in self.root.iterdir():
+                if p != self.lock_path:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if not self.config_path.exists() or self.config_path.read_text() != config_text:
             atomic_write_text(self.config_path, config_text)
+
+    def record_resume(self, changed: dict, at: dict) -> None:
+        """Add to run.json's "resumes" that a resume changed `changed` ({key: [old, new]}) from the
+        positions `at` ({strategy_dir: [phase, step]}) on."""
+        info = self.run_json()
+        info.setdefault("resumes", []).append({
+            "changed": changed, "at": at, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        atomic_write_json(self.run_json_path, info)
 
     def write_run_json(self, config: dict, trainer, version: str) -> None:
         info = self.run_json()
@@ -226,6 +437,8 @@ class RunDir:
             "world_size": trainer.dist.world, "strategies": config["run"]["strategies"],
             "model": config["model"]["name"], "phases": [p.name for p in trainer.stream.phases],
             "probes": [p.name for p in trainer.stream.probes], "stream": trainer.stream.info,
+            # which phases train on each probe set's data: the accuracy matrix's mapping
+            "probe_phases": {p.name: list(p.phases) for p in trainer.stream.probes},
             "versions": {"geomlab": version, "torch": torch.__version__, "open_clip": open_clip.__version__,
                          "python": platform.python_version()},
             "command": " ".join(sys.argv),
@@ -235,10 +448,18 @@ class RunDir:
             info["skipped_records"] = trainer.stream.skipped
         atomic_write_json(self.run_json_path, info)
 
+    def write_seeds_json(self, config: dict, version: str) -> None:
+        """A multi-seed run's own run.json: what it is and where each seed's run lives."""
+        seeds = config["run"]["seeds"]
+        atomic_write_json(self.run_json_path, {
+            "name": config["run"]["name"], "seeds": seeds, "seed_dirs": [seed_dir(s) for s in seeds],
+            "strategies": config["run"]["strategies"], "model": config["model"]["name"],
+            "versions": {"geomlab": version, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                         "python": platform.python_version()},
+            "command": " ".join(sys.argv)})
+
     def append_metrics(self, strategy_dir: str, row: dict) -> None:
-        path = self.metrics_path(strategy_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        append_jsonl(path, row)
+        append_jsonl(self.metrics_path(strategy_dir), row)
 
     # -- progress
 

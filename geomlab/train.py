@@ -27,12 +27,14 @@ from geomlab.config import ConfigError, dumps, load_config
 from geomlab.data import DataError, build_stream
 from geomlab.embed import embed_probe
 from geomlab.geometry import retrieval_metrics
-from geomlab.io import atomic_torch_save, load_checkpoint
-from geomlab.models import check_model_name, create_model, image_size, state_dict_of
+from geomlab.io import WriteError, atomic_torch_save, load_checkpoint
+from geomlab.models import check_model_name, create_model, image_size, pretrained_kind, state_dict_of
 from geomlab.rundir import RunDir, RunDirError, checkpoint_stem
 from geomlab.runtime import resolve_device
 from geomlab.strategies import Features, PhaseContext, get_strategy
+from geomlab.reporting import TensorBoardReport, check_report_to
 from geomlab.traces import Trace, write_trace
+from geomlab.zeroshot import evaluate as evaluate_zeroshot
 
 LOGIT_SCALE_MAX = math.log(100)
 
@@ -45,8 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--strategies", help="comma-separated, shorthand for run.strategies")
     p.add_argument("--out", help="run directory (default: runs/<run.name>)")
     p.add_argument("--device", help="auto | cpu | cuda, shorthand for run.device")
-    p.add_argument("--pretrained", help="local open_clip/geomlab checkpoint, shorthand for model.pretrained")
+    p.add_argument("--pretrained", help="an open_clip pretrained tag of the model (e.g. openai, laion2b_s34b_b79k) "
+                   "or a local open_clip/geomlab checkpoint, shorthand for model.pretrained")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest saved state")
+    p.add_argument("--report-to", dest="report_to", metavar="tensorboard",
+                   help="also write the metrics as TensorBoard event files, to watch a run live "
+                        "(needs the tensorboard extra)")
+    p.add_argument("--seeds", help="comma-separated seeds, shorthand for run.seeds: one complete run per seed")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
     return p.parse_args(argv)
 
@@ -57,7 +64,21 @@ def resolve_config(args) -> dict:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value!r}" if flag != "strategies" else f"{key}={value}")
+    if args.seeds is not None:
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers (e.g. 0,1,2), got {args.seeds!r}") from None
+        if not seeds:
+            raise ConfigError("--seeds: empty seed list; give comma-separated integers, e.g. 0,1,2")
+        overrides.append(f"run.seeds={seeds}")
     config = load_config(args.config, overrides)
+    seeds = config["run"]["seeds"]
+    if any(isinstance(s, bool) or s < 0 for s in seeds):
+        raise ConfigError(f"run.seeds must be non-negative integers, got {seeds}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"run.seeds: seed {next(s for s in seeds if seeds.count(s) > 1)} appears twice in "
+                          f"{seeds}; each seed is one run")
     if not config["run"]["strategies"]:
         raise ConfigError("run.strategies is empty")
     for name in config["run"]["strategies"]:
@@ -69,8 +90,10 @@ def resolve_config(args) -> dict:
         check_model_name(config["model"]["name"])
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
-    if config["model"]["pretrained"] and not Path(config["model"]["pretrained"]).is_file():
-        raise ConfigError(f"model.pretrained: {config['model']['pretrained']} does not exist")
+    try:
+        pretrained_kind(config["model"]["name"], config["model"]["pretrained"])
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained: {e}") from None
     if config["run"]["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device: 'cuda' requested but no CUDA device is available")
     return config
@@ -94,6 +117,23 @@ class Dist:
         import torch.distributed.nn.functional as dist_fn
         return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
+    def on_main(self, work):
+        """`work()` on rank 0 only (it writes files); an error it raises is raised on every rank, so
+        that no rank waits for one that has stopped. Returns work's result on rank 0, else None."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = work()
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        if self.world > 1:
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise error
+        return result
+
 
 def init_distributed(device: torch.device) -> Dist:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -106,6 +146,42 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 # ----------------------------------------------------------------------------- pieces of a phase
+
+class Diverged(RuntimeError):
+    """Training produced a NaN or an infinity; the message says where and what to try."""
+
+
+def first_nonfinite(tensors: dict) -> str | None:
+    """The name of the first floating-point tensor in `tensors` (name -> tensor, nested dicts and
+    lists too) holding a NaN or an infinity; None when all are finite."""
+    flat = []
+
+    def walk(name, t):
+        if isinstance(t, dict):
+            for k, v in t.items():
+                walk(f"{name}.{k}" if name else str(k), v)
+        elif isinstance(t, (list, tuple)):
+            for i, v in enumerate(t):
+                walk(f"{name}.{i}", v)
+        elif isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            flat.append((name, t))
+
+    walk("", tensors)
+    finite = {}
+    for device in {t.device for _, t in flat}:  # one synchronisation per device
+        here = [(name, t) for name, t in flat if t.device == device]
+        finite.update(zip([name for name, _ in here],
+                          torch.stack([torch.isfinite(t.detach()).all() for _, t in here]).tolist()))
+    return next((name for name, _ in flat if not finite[name]), None)
+
+
+def finite_values(row: dict) -> dict:
+    """`row` (a metrics line) when every number in it is finite, else Diverged naming one that is not."""
+    bad = next((k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad:
+        raise Diverged(f"{bad} = {row[bad]}")
+    return row
+
 
 def phase_steps(config: dict, phase: int, dataset_len: int) -> int:
     t = config["train"]
@@ -138,19 +214,20 @@ def batch_indices(seed: int, salt: int, n: int, batch_size: int, step: int) -> l
 
 
 class StepBatches(Sampler):
-    """Batch sampler over steps start..total-1: yields this rank's slice of each step's indices."""
+    """Batch sampler over steps start..total-1: yields this rank's slice of each step's global
+    batch `indices(step)` (the strategy's step_indices, a function of the step alone)."""
 
-    def __init__(self, seed, salt, n, batch_size, start, total, rank=0, world=1):
-        self.args = (seed, salt, n, batch_size)
-        self.start, self.total, self.rank, self.per_rank = start, total, rank, batch_size // world
+    def __init__(self, indices, start, total, rank=0, world=1):
+        self.indices, self.start, self.total, self.rank, self.world = indices, start, total, rank, world
 
     def __len__(self):
         return self.total - self.start
 
     def __iter__(self):
         for step in range(self.start, self.total):
-            idx = batch_indices(*self.args, step)
-            yield idx[self.rank * self.per_rank: (self.rank + 1) * self.per_rank]
+            idx = self.indices(step)
+            per_rank = len(idx) // self.world
+            yield idx[self.rank * per_rank: (self.rank + 1) * per_rank]
 
 
 def collate(tokenizer, items):
@@ -182,14 +259,17 @@ def unwrap(model):
 # ----------------------------------------------------------------------------- the trainer
 
 class Trainer:
-    def __init__(self, config: dict, run: RunDir, dist: Dist):
+    def __init__(self, config: dict, run: RunDir, dist: Dist, report_to: str | None = None):
         self.config, self.run, self.dist = config, run, dist
+        self.report = TensorBoardReport(run, config["run"]["seed"]) if report_to and dist.main else None
         self.device = resolve_device(config["run"]["device"])
         m = config["model"]
         self.model, transforms, self.tokenizer = create_model(m["name"], m["pretrained"] or None, m["precision"],
                                                               self.device)
         self.stream = build_stream(config["data"]["stream"], config["data"], image_size=image_size(self.model),
                                    preprocess=transforms, seed=config["run"]["seed"])
+        for name in config["run"]["strategies"]:
+            get_strategy(name).check_stream(self.stream)  # e.g. zscl needs a reference set
         self.num_phases = len(self.stream.phases)
         self.bar = None
         # Mixed precision as open_clip: "amp" = float16 autocast with a gradient scaler on CUDA
@@ -204,36 +284,67 @@ class Trainer:
 
     # -- evaluation and checkpoints (rank 0 only)
 
+    def save(self, strategy_dir: str, phase: int, step: int, phase_end: bool, optimizer, strategy) -> None:
+        """Checkpoint, trace, eval line and state at `step`. A finite loss can still leave non-finite
+        weights after its step: they are checked first, and then nothing is written."""
+        bad = first_nonfinite({"weights": unwrap(self.model).state_dict(), "optimizer": optimizer.state_dict(),
+                               "strategy": strategy.state_dict()})
+        if bad:
+            raise Diverged(f"{bad} is not finite")
+        self.save_checkpoint(strategy_dir, phase, step, phase_end)
+        self.save_state(strategy_dir, phase, step, optimizer, strategy)
+
     def save_checkpoint(self, strategy_dir: str, phase: int, step: int, phase_end: bool) -> None:
         model = unwrap(self.model)
-        # "epoch" = phase: open_clip's own checkpoints carry "epoch"
-        atomic_torch_save(self.run.checkpoint_path(strategy_dir, phase, step), {
-            "state_dict": model.state_dict(), "name": self.config["model"]["name"], "phase": phase,
-            "step": step, "strategy": strategy_dir, "phase_end": phase_end, "epoch": phase})
-        embeddings = {p.name: embed_probe(model, self.tokenizer, p, self.device, self.config["train"]["eval_batch_size"])
+        weights = model.state_dict()
+        embeddings = {p.name: embed_probe(model, self.tokenizer, p, self.device, self.config["train"]["eval_batch_size"],
+                                          self.config["data"]["num_workers"])
                       for p in self.stream.probes}
+        bad = first_nonfinite({"probe embeddings": {n: vars(e) for n, e in embeddings.items()}})
+        if bad:
+            raise Diverged(f"{bad} is not finite")
+        # The trace before its checkpoint: a reader (geomlab.analyze on a run in progress) never finds
+        # a checkpoint whose trace is still to come.
         write_trace(self.run.trace_path(strategy_dir, phase, step),
                     Trace(domains=embeddings, phase=phase, step=step, model=self.config["model"]["name"],
                           extra={"strategy": strategy_dir}))
+        # "epoch" = phase: open_clip's own checkpoints carry "epoch"
+        atomic_torch_save(self.run.checkpoint_path(strategy_dir, phase, step), {
+            "state_dict": weights, "name": self.config["model"]["name"], "phase": phase,
+            "step": step, "strategy": strategy_dir, "phase_end": phase_end, "epoch": phase})
         retrieval = {name: retrieval_metrics(e.image, e.text, e.caption_image) for name, e in embeddings.items()}
-        self.run.append_metrics(strategy_dir, {"kind": "eval", "phase": phase, "step": step,
-                                               "checkpoint": checkpoint_stem(phase, step), "phase_end": phase_end,
-                                               "retrieval": retrieval})
+        row = {"kind": "eval", "phase": phase, "step": step, "checkpoint": checkpoint_stem(phase, step),
+               "phase_end": phase_end, "retrieval": retrieval}
+        if self.stream.zeroshot:
+            row["zeroshot"] = evaluate_zeroshot(model, self.tokenizer, self.stream.zeroshot, self.device,
+                                                {name: e.image for name, e in embeddings.items()},
+                                                self.config["train"]["eval_batch_size"])
+        self.log_metrics(strategy_dir, row)
 
-    def save_state(self, strategy_dir, phase, step, optimizer) -> None:
+    def log_metrics(self, strategy_dir: str, row: dict) -> None:
+        """A metrics.jsonl row, and its scalars with --report-to tensorboard (rank 0 only)."""
+        self.run.append_metrics(strategy_dir, row)
+        if self.report is not None:
+            self.report.add(strategy_dir, row, self.line_step(strategy_dir, row["phase"], row["step"]))
+
+    def line_step(self, strategy_dir: str, phase: int, step: int) -> int:
+        """`step` of `phase` counted from the start of the strategy's line: the base phase, then its own."""
+        return step + sum(phase_steps(self.config, p, len(get_strategy(
+            "finetune" if p == 0 else strategy_dir).train_data(self.stream, p))) for p in range(phase))
+
+    def save_state(self, strategy_dir, phase, step, optimizer, strategy) -> None:
         atomic_torch_save(self.run.state_path(strategy_dir), {
             "phase": phase, "step": step, "model": unwrap(self.model).state_dict(),
             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {}})
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "strategy": strategy.state_dict()})
 
     # -- one phase
 
-    def batches(self, data, salt: int, start: int, total: int):
-        """(images, tokens) of steps start..total-1, this rank's share, on the device. Loaded by
-        DataLoader workers (data.num_workers) in the order the step numbers alone determine."""
-        t = self.config["train"]
-        sampler = StepBatches(self.config["run"]["seed"], salt, len(data), t["batch_size"], start, total,
-                              self.dist.rank, self.dist.world)
+    def batches(self, data, indices, start: int, total: int):
+        """(images, tokens) of steps start..total-1, this rank's share of `indices(step)` rows of
+        `data`, on the device. Loaded by DataLoader workers (data.num_workers) in step order."""
+        sampler = StepBatches(indices, start, total, self.dist.rank, self.dist.world)
         workers = self.config["data"]["num_workers"]
         loader = DataLoader(data, batch_sampler=sampler, num_workers=workers,
                             collate_fn=functools.partial(collate, self.tokenizer),
@@ -242,7 +353,7 @@ class Trainer:
         for images, tokens in loader:
             yield images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
 
-    def train_step(self, strategy, optimizer, images, tokens, lr: float):
+    def train_step(self, strategy, optimizer, images, tokens, step: int, lr: float):
         for group in optimizer.param_groups:
             group["lr"] = lr
         with self.autocast():
@@ -251,7 +362,15 @@ class Trainer:
             feats = Features(image=image, text=text, image_all=self.dist.gather(image),
                              text_all=self.dist.gather(text), logit_scale=logit_scale,
                              row_offset=self.dist.rank * image.shape[0])
-            loss, parts = strategy.loss(images, tokens, feats)
+            loss, parts = strategy.loss(images, tokens, feats, step)
+        # A NaN or infinite loss (or logit scale) stops training before its step is applied, on
+        # every rank alike (each rank's loss is its own share).
+        finite = (torch.isfinite(loss.detach()).all() & torch.isfinite(logit_scale.detach()).all()).to(torch.int32)
+        if self.dist.world > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            raise Diverged(f"loss = {loss.item():g}, logit scale = {logit_scale.detach().flatten()[0].item():g}"
+                           if self.dist.world == 1 else "loss or logit scale is not finite on some rank")
         optimizer.zero_grad(set_to_none=True)
         # Kernel losses are this rank's share of the full-batch loss; DDP averages gradients.
         if self.scaler is None:
@@ -265,19 +384,42 @@ class Trainer:
             unwrap(self.model).logit_scale.clamp_(0, LOGIT_SCALE_MAX)
         return loss, parts
 
-    def make_strategy(self, strategy_name: str):
+    def order(self, salt: int, n: int, size: int, step: int, stream: int = 0) -> list[int]:
+        """`size` rows of a dataset of n items for `step` (batch_indices); `stream` > 0 gives
+        orders independent of the phase's own (stream 0)."""
+        return batch_indices(self.config["run"]["seed"], salt + 100_003 * stream, n, size, step)
+
+    def load_batch(self, dataset, rows):
+        """(images, tokens) of `rows` of `dataset`, collated and on the device (no DataLoader)."""
+        items = dataset.__getitems__(rows) if hasattr(dataset, "__getitems__") else [dataset[i] for i in rows]
+        images, tokens = collate(self.tokenizer, items)
+        return images.to(self.device), tokens.to(self.device)
+
+    def make_strategy(self, strategy_dir: str, strategy_name: str, phase: int):
         """The strategy for a phase, its config section as keyword arguments; call it while the
         model holds the phase-start weights."""
         cls = get_strategy(strategy_name)
-        snapshot = copy.deepcopy(unwrap(self.model)).eval().requires_grad_(False) if cls.needs_previous_model else None
-        context = PhaseContext(stream=self.stream, previous_model=snapshot, encode=encode, gather=self.dist.gather)
+        frozen = lambda: copy.deepcopy(unwrap(self.model)).eval().requires_grad_(False)  # noqa: E731
+        base = None
+        if cls.needs_base_model:
+            base = frozen()
+            base.load_state_dict(state_dict_of(load_checkpoint(self.run.phase_end_checkpoint("base", 0))))
+        salt = phase * 131 + sum(map(ord, strategy_dir))
+        save = functools.partial(self.run.save_strategy_state, strategy_dir) if self.dist.main else lambda *a: None
+        context = PhaseContext(
+            stream=self.stream, phase=phase, data=cls.train_data(self.stream, phase),
+            batch_size=self.config["train"]["batch_size"], order=functools.partial(self.order, salt),
+            load_batch=self.load_batch, encode=encode, gather=self.dist.gather,
+            load_state=functools.partial(self.run.load_strategy_state, strategy_dir), save_state=save,
+            previous_model=frozen() if cls.needs_previous_model else None, base_model=base,
+            seed=self.config["run"]["seed"], rank=self.dist.rank, world=self.dist.world)
         return cls(context, **self.config[cls.name])
 
-    def train_phase(self, strategy_dir: str, strategy_name: str, phase: int) -> None:
+    def train_phase(self, strategy_dir: str, strategy_name: str, phase: int, start_checkpoint: Path | None) -> None:
         cfg, t = self.config, self.config["train"]
-        strategy = self.make_strategy(strategy_name)
-        data = strategy.train_data(self.stream, phase)
-        total = phase_steps(cfg, phase, len(data))
+        strategy = self.make_strategy(strategy_dir, strategy_name, phase)
+        data = strategy.start_phase(unwrap(self.model))  # what strategy.step_indices index
+        total = phase_steps(cfg, phase, len(strategy.context.data))
         optimizer = make_optimizer(self.model, cfg)
         state, start = self.run.load_state(strategy_dir), 0
         if state is not None and state["phase"] == phase:  # resume mid-phase
@@ -286,34 +428,50 @@ class Trainer:
             torch.set_rng_state(state["torch_rng"])
             if self.scaler is not None:
                 self.scaler.load_state_dict(state["scaler"])
+            strategy.load_state_dict(state.get("strategy", {}))
             start = state["step"]
+        # Where a --resume after a divergence would start from.
+        last_good = self.run.checkpoint_path(strategy_dir, phase, start) if start else start_checkpoint
         # Lines logged after the state we start from (a crash) are dropped: they will be logged again.
-        if self.dist.main:
-            self.run.truncate_metrics(strategy_dir, phase, start)
+        self.dist.on_main(lambda: self.run.truncate_metrics(strategy_dir, phase, start))
         every = t["checkpoint_every"]
-        salt = phase * 131 + sum(map(ord, strategy_dir))
 
         self.model.train()
         self.bar.set_description(f"{strategy_dir} phase {phase}/{self.num_phases - 1}")
-        for step, (images, tokens) in enumerate(self.batches(data, salt, start, total), start=start):
-            loss, parts = self.train_step(strategy, optimizer, images, tokens, lr_at(step, total, cfg))
+        for step, (images, tokens) in enumerate(self.batches(data, strategy.step_indices, start, total), start=start):
             done = step + 1
+            try:
+                loss, parts = self.train_step(strategy, optimizer, images, tokens, step, lr_at(step, total, cfg))
+            except Diverged as e:
+                raise self.diverged(strategy_dir, phase, done, e, last_good, "the step was not applied") from None
+            strategy.after_step(unwrap(self.model), done)
+            if done == total:
+                strategy.end_phase(unwrap(self.model))  # may set the phase's result weights (WiSE-FT, ZSCL)
             self.bar.update(1)
-            if self.dist.main and (done % t["log_every"] == 0 or done == total):
+            if done % t["log_every"] == 0 or done == total:
                 row = {"kind": "train", "phase": phase, "step": done, "loss": loss.item(),
                        "lr": optimizer.param_groups[0]["lr"],
                        "logit_scale": unwrap(self.model).logit_scale.exp().item()}
                 row.update({k: float(v.detach()) for k, v in parts.items()})
-                self.run.append_metrics(strategy_dir, row)
+                try:
+                    self.dist.on_main(lambda: self.log_metrics(strategy_dir, finite_values(row)))
+                except Diverged as e:
+                    raise self.diverged(strategy_dir, phase, done, e, last_good, "nothing of it written") from None
                 self.bar.set_postfix(loss=f"{loss.item():.3f}")
             if done == total or (every and done % every == 0):
-                if self.dist.main:
-                    self.save_checkpoint(strategy_dir, phase, done, phase_end=done == total)
-                    self.save_state(strategy_dir, phase, done, optimizer)
-                self.barrier()
-        if self.dist.main:
-            self.run.mark_complete(strategy_dir, phase)
-        self.barrier()
+                try:
+                    self.dist.on_main(lambda: self.save(strategy_dir, phase, done, done == total, optimizer, strategy))
+                except Diverged as e:
+                    raise self.diverged(strategy_dir, phase, done, e, last_good, "nothing of it written") from None
+                last_good = self.run.checkpoint_path(strategy_dir, phase, done)
+        self.dist.on_main(lambda: self.run.mark_complete(strategy_dir, phase))
+
+    def diverged(self, strategy_dir, phase, step, error, last_good, what) -> Diverged:
+        """The one-line report of a divergence at `step` of `phase`."""
+        good = last_good or "none yet (phase 0 begins again)"
+        return Diverged(f"{strategy_dir} phase {phase} step {step}: {error}, training stopped ({what}); last "
+                        f"good checkpoint: {good}; lower train.lr (now {self.config['train']['lr']:g}) and rerun "
+                        f"with --resume")
 
     def barrier(self):
         if self.dist.world > 1:
@@ -321,60 +479,134 @@ class Trainer:
 
     # -- the whole run
 
-    def fit(self) -> None:
+    def todo(self) -> list[tuple[str, str, int]]:
+        """(strategy_dir, strategy, phase) still to train; phase 0 trains the shared base with finetune."""
         strategies = self.config["run"]["strategies"]
-        # (strategy_dir, strategy, phase): phase 0 trains the shared base with finetune
         plan = [("base", "finetune", 0)] + [(s, s, p) for s in strategies for p in range(1, self.num_phases)]
-        todo = [(d, s, p) for d, s, p in plan if not self.run.is_complete(d, p)]
+        return [(d, s, p) for d, s, p in plan if not self.run.is_complete(d, p)]
+
+    def fit(self) -> None:
+        todo = self.todo()
         steps = {(d, p): phase_steps(self.config, p, len(get_strategy(s).train_data(self.stream, p)))
                  for d, s, p in todo}
         done_before = sum(self.run.resume_step(d, p) for d, _, p in todo)
         self.bar = tqdm(total=sum(steps.values()), initial=done_before, unit="step", dynamic_ncols=True,
                         disable=not self.dist.main, mininterval=1.0)
         for strategy_dir, strategy_name, phase in todo:
+            previous = None
             if strategy_dir != "base":
                 # Phase-start weights: every strategy starts phase 1 from the same base model.
                 previous = self.run.phase_end_checkpoint("base" if phase == 1 else strategy_dir, phase - 1)
                 unwrap(self.model).load_state_dict(state_dict_of(load_checkpoint(previous)))
-            self.train_phase(strategy_dir, strategy_name, phase)
+            self.train_phase(strategy_dir, strategy_name, phase, previous)
         self.bar.close()
+        if self.report is not None:
+            self.report.close()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        config = resolve_config(args)
-        run = RunDir(Path(args.out) if args.out else Path("runs") / config["run"]["name"])
-        dist = init_distributed(resolve_device(config["run"]["device"]))
-        if config["train"]["batch_size"] % dist.world:
-            raise ConfigError(f"train.batch_size ({config['train']['batch_size']}) must be a multiple of "
-                              f"the number of processes ({dist.world})")
-        run.check(config, dumps(config), resume=args.resume)  # every rank, before any rank writes
-        torch.manual_seed(config["run"]["seed"])
-        trainer = Trainer(config, run, dist)  # builds the model and the data stream; writes nothing
-    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
-        print(f"geomlab.train: error: {e}", file=sys.stderr)
-        return 2
-    trainer.barrier()
-    if dist.main:
+def seed_runs(config: dict, root: RunDir) -> list[tuple[dict, RunDir]]:
+    """(config, run directory) of each complete run to train: one per run.seeds inside `root`, each
+    with run.seed = s and run.seeds = [] (a single-seed run of its own), or `root` itself."""
+    if not config["run"]["seeds"]:
+        return [(config, root)]
+    runs = []
+    for seed in config["run"]["seeds"]:
+        one = copy.deepcopy(config)
+        one["run"].update(seed=seed, seeds=[])
+        runs.append((one, root.seed_run(seed)))
+    return runs
+
+
+def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: dict) -> int:
+    """Write the run's config.toml and run.json (recording what a resume `changed`), train every
+    phase, print the summary. 2 on bad data or a failed write, 3 when training diverged."""
+
+    def start():
+        at = {}  # where each unfinished strategy directory resumes: the changes apply from there on
+        for d, _, p in trainer.todo() if changed else ():
+            at.setdefault(d, [p, run.resume_step(d, p)])
+        if changed and not at:
+            raise RunDirError(f"{run.root} holds a finished run: nothing is left to train with a different "
+                              f"{', '.join(changed)}; choose another --out")
         run.create(dumps(config))
         run.write_run_json(config, trainer, __version__)
-    if dist.world > 1:
-        trainer.model = torch.nn.parallel.DistributedDataParallel(trainer.model)
-    trainer.barrier()
+        if changed:
+            run.record_resume(changed, at)
+
     try:
+        dist.on_main(start)
+        if dist.world > 1:
+            trainer.model = torch.nn.parallel.DistributedDataParallel(trainer.model)
+        trainer.barrier()
         trainer.fit()
-    except DataError as e:  # a bad record found while loading (e.g. a truncated image, in a worker)
+        dist.on_main(lambda: run.write_run_json(config, trainer, __version__))
+    # a bad record found while loading (e.g. a truncated image, in a worker); a full disk; a NaN
+    except (DataError, RunDirError, WriteError, Diverged) as e:
         if trainer.bar is not None:
             trainer.bar.close()
-        print(f"geomlab.train: error: {e}", file=sys.stderr)
-        return 2
+        if dist.main:
+            hint = "; what was saved before is intact: make room and rerun with --resume" if isinstance(
+                e, WriteError) else ""
+            print(f"geomlab.train: error: {e}{hint}", file=sys.stderr)
+        return 3 if isinstance(e, Diverged) else 2
     if dist.main:
-        run.write_run_json(config, trainer, __version__)
         print(run.summary(config))
         if trainer.stream.skipped:
             print(f"skipped {len(trainer.stream.skipped)} bad record(s) (data.on_bad_sample = \"skip\"); "
                   f"listed in {run.root / 'run.json'} under skipped_records")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dist, lock = Dist(), None
+    try:
+        check_report_to(args.report_to)
+        config = resolve_config(args)
+        root = RunDir(Path(args.out) if args.out else Path("runs") / config["run"]["name"])
+        runs = seed_runs(config, root)
+        dist = init_distributed(resolve_device(config["run"]["device"]))
+        if config["train"]["batch_size"] % dist.world:
+            raise ConfigError(f"train.batch_size ({config['train']['batch_size']}) must be a multiple of "
+                              f"the number of processes ({dist.world})")
+
+        def check() -> list[dict]:  # every rank, before any rank writes; what a resume changes
+            if config["run"]["seeds"]:
+                root.check(config, dumps(config), resume=args.resume)
+            return [run.check(one, dumps(one), resume=args.resume) for one, run in runs]
+
+        check()
+        torch.manual_seed(runs[0][0]["run"]["seed"])
+        trainer = Trainer(*runs[0], dist, args.report_to)  # builds the model and the data stream; writes nothing
+        # One writer per run directory: rank 0 takes it for every rank, then checks again, as a
+        # trainer that held it until now may have written meanwhile.
+        lock = dist.on_main(root.lock)
+        changes = check()
+        trainer.barrier()  # no rank may still be checking once rank 0 writes (a half-written file fails the check)
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
+        if lock is not None:
+            lock.release()
+        if dist.main:
+            print(f"geomlab.train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if config["run"]["seeds"]:
+            try:
+                dist.on_main(lambda: (root.create(dumps(config)), root.write_seeds_json(config, __version__)))
+            except WriteError as e:
+                if dist.main:
+                    print(f"geomlab.train: error: {e}", file=sys.stderr)
+                return 2
+        for k, (one, run) in enumerate(runs):
+            if k:  # each seed its own base model, from its own initial weights
+                torch.manual_seed(one["run"]["seed"])
+                trainer = Trainer(one, run, dist, args.report_to)
+            status = train_run(trainer, one, run, dist, changes[k])
+            if status:
+                return status
+    finally:
+        if lock is not None:
+            lock.release()
     if dist.world > 1:
         torch.distributed.destroy_process_group()
     return 0

@@ -4,6 +4,8 @@ import contextlib
 import hashlib
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from geomlab.data import shapes
 from geomlab.geometry.synthetic import synthetic_run
 from geomlab.io import atomic_torch_save
 from geomlab.rundir import RunDir
-from geomlab.traces import read_trace
+from geomlab.traces import read_trace, write_trace
 
 
 def tree_digest(root: Path, skip="analysis") -> dict:
@@ -72,6 +74,7 @@ def accuracy_from_traces(paths, domains):
 
 
 def bwt_of(A):
+    """GEM's BWT when probe set d is learned at phase d (ShapeWorld's mapping; the synthetic runs')."""
     T = len(A) - 1
     return float(np.mean([A[T][d] - A[d][d] for d in range(T)]))
 
@@ -128,10 +131,17 @@ def test_run_directory(run_dir, run_analysis):
     A = accuracy_from_traces([paths[k] for k in ends], a["domains"])
     assert acc["rows"] == [s["checkpoints"][k]["label"] for k in ends] and acc["row_checkpoints"] == ends
     assert np.allclose(acc["matrix"], A, atol=1e-6)
-    assert acc["average"] == pytest.approx(np.mean(A[-1]), abs=1e-6)
+    # probe set d is learned at phase d (run.json's probe_phases)
+    T, D = len(A) - 1, len(a["domains"])
+    assert acc["learned_at"] == list(range(D))
+    assert acc["last"] == pytest.approx(np.mean(A[-1]), abs=1e-6)
+    assert acc["avg"] == pytest.approx(np.mean([np.mean(A[t][:t + 1]) for t in range(T + 1)]), abs=1e-6)
     assert acc["bwt"] == pytest.approx(bwt_of(A), abs=1e-6)
-    assert acc["forgetting"] == pytest.approx([max(A[t][d] for t in range(len(A) - 1)) - A[-1][d]
-                                               for d in range(len(a["domains"]))], abs=1e-6)
+    assert acc["transfer"] == pytest.approx(np.mean([A[t][d] for d in range(D) for t in range(d)]), abs=1e-6)
+    assert acc["forgetting"] == [pytest.approx(max(A[t][d] for t in range(d, T)) - A[T][d], abs=1e-6) if d < T
+                                 else None for d in range(D)]
+    assert acc["domain0"] == {"probes": ["domain0"], "r1": pytest.approx(A[T][0], abs=1e-6)}
+    assert acc["last_domain"] == {"probes": [f"domain{T}"], "r1": pytest.approx(A[T][T], abs=1e-6)}
     # pairs: rotation angles by arccos; the rest equals the plain function on the same traces
     assert s["vs_base"][0] is None and s["vs_base"][1] == s["vs_previous"][1]
     ta, tb = read_trace(paths[0]), read_trace(paths[-1])
@@ -160,7 +170,9 @@ def test_run_directory(run_dir, run_analysis):
     # the console summary shows the same numbers, one line per strategy
     for name, series in a["strategies"].items():
         g = series["vs_base"][-1]["domain0"]
-        assert (f"  {name:<12} avg R@1 {series['accuracy']['average']:.3f}  BWT {series['accuracy']['bwt']:+.3f}"
+        acc = series["accuracy"]
+        assert (f"  {name:<12} Last {acc['last']:.3f}  Avg {acc['avg']:.3f}  BWT {acc['bwt']:+.3f}  forgetting "
+                f"{acc['mean_forgetting']:.3f}  Transfer {acc['transfer']:.3f}"
                 f"  | domain0 vs base: θ img {g['rotation']['image']['mean']:.1f}°") in out
     assert tree_digest(run_dir) == before  # nothing but analysis/ was written
 
@@ -236,10 +248,12 @@ def test_plain_directory_of_open_clip_checkpoints(tmp_path):
     with torch.no_grad():
         want = F.normalize(model.encode_image(torch.stack([probes[0].images[i] for i in range(4)])), dim=-1)
     assert torch.allclose(cached[0].domains[probes[0].name].image[:4].float(), want, atol=2e-3)
-    # one accuracy row per checkpoint, from those traces; no BWT without phases
+    # one accuracy row per checkpoint, from those traces; Last only: no phases, so no mapping
     A = [[mean_r1(t.domains[d]) for d in a["domains"]] for t in cached]
-    assert s["accuracy"]["rows"] == ["epoch_1", "epoch_2", "epoch_10"]
-    assert np.allclose(s["accuracy"]["matrix"], A, atol=1e-6) and s["accuracy"]["bwt"] is None
+    acc = s["accuracy"]
+    assert acc["rows"] == ["epoch_1", "epoch_2", "epoch_10"] and np.allclose(acc["matrix"], A, atol=1e-6)
+    assert acc["last"] == pytest.approx(np.mean(A[-1]), abs=1e-6) and acc["learned_at"] is None
+    assert [acc[k] for k in ("avg", "bwt", "transfer", "mean_forgetting", "domain0", "last_domain")] == [None] * 6
     # hover captions: the probe set's caption of each sampled pair
     d0 = probes[0]
     samples = a["sphere"]["samples"][d0.name]
@@ -263,8 +277,8 @@ def test_run_without_traces_embeds_checkpoints(tmp_path):
         atomic_torch_save(run.checkpoint_path(strategy_dir, phase, 10),
                           {"state_dict": tiny_state(seed), "name": "geomlab-tiny", "phase": phase, "step": 10,
                            "strategy": strategy_dir, "phase_end": True, "epoch": phase})
-    (root / "run.json").write_text(json.dumps({"strategies": ["finetune"],
-                                               "completed": {"base": [0], "finetune": [1, 2]}}))
+    (root / "run.json").write_text(json.dumps({"strategies": ["finetune"], "completed": {"base": [0], "finetune": [1, 2]},
+                                               "probe_phases": {"d0_basic": [0], "d1_neon": [1]}}))
     before = tree_digest(root)
     assert main([str(root), "-q", "--no-report"]) == 0
     a = json.loads((root / "analysis" / "analysis.json").read_text())
@@ -308,3 +322,82 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("geomlab.analyze: error: ") and needle in err
     assert not (d / "analysis").exists()
+
+
+# ----------------------------------------------------------------------------- non-finite and degenerate traces
+
+
+def tiny_run(root):
+    """A synthetic run with one strategy of three checkpoints over two probe sets; (root, its last trace)."""
+    root = synthetic_run(root, strategies=("finetune",), checkpoints=3, domains=2, n=40, d=8, seed=3)
+    return root, sorted((root / "finetune" / "traces").glob("*.safetensors"))[-1]
+
+
+def no_nan(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"analysis.json holds {c}"))
+
+
+def test_nan_trace_is_one_line_exit_2(tmp_path):
+    """A diverged run's trace: the analyser names it and its probe set in one line, no traceback."""
+    root, path = tiny_run(tmp_path / "r")
+    trace = read_trace(path)
+    trace.domains["domain1"].image[[1, 4, 7]] = float("nan")
+    write_trace(path, trace)
+    p = subprocess.run([sys.executable, "-m", "geomlab.analyze", str(root)], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.splitlines() == [f"geomlab.analyze: error: {path}, probe set 'domain1': 3 of 40 rows of "
+                                     "image are not finite (NaN or inf)"]
+    assert not (root / "analysis").exists()
+
+
+@pytest.mark.parametrize("fault, needle", [("inf", "2 of 40 rows of text are not finite (NaN or inf)"),
+                                           ("zero", "2 of 40 rows of image are zero (a zero row has no direction)")])
+def test_inf_or_zero_rows_are_one_line_exit_2(fault, needle, tmp_path, capsys):
+    root, _ = tiny_run(tmp_path / "r")
+    path = root / "base" / "traces" / "phase0_step000100.safetensors"
+    trace = read_trace(path)
+    e = trace.domains["domain0"]
+    if fault == "inf":
+        e.text[[0, 39]] = float("-inf")
+    else:
+        e.image[[5, 6]] = 0
+    write_trace(path, trace)
+    assert main([str(root), "-q"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"geomlab.analyze: error: {path}, probe set 'domain0': {needle}"]
+    assert not (root / "analysis").exists()
+
+
+def test_collapsed_space_gives_null_never_a_number(tmp_path):
+    """Every image of the last checkpoint embedded at one point: CKA and mutual k-NN are undefined there."""
+    root, path = tiny_run(tmp_path / "r")
+    trace = read_trace(path)
+    for e in trace.domains.values():
+        e.image[:] = e.image[0]
+    write_trace(path, trace)
+    assert main([str(root), "--no-report"]) == 0
+    a = no_nan((root / "analysis" / "analysis.json").read_text())
+    base, last = read_trace(root / "base" / "traces" / "phase0_step000100.safetensors"), read_trace(path)
+    for d, pair in a["strategies"]["finetune"]["vs_base"][-1].items():
+        assert pair["cka"]["image"] is None and pair["mutual_knn"]["image"] is None
+        ref = G.linear_cka(F.normalize(base.domains[d].text.double(), dim=1),
+                           F.normalize(last.domains[d].text.double(), dim=1))
+        assert pair["cka"]["text"] == pytest.approx(ref) and 0 < ref < 1
+        assert pair["procrustes"]["image"]["rigid_share"] is not None  # rank-deficient, still defined
+
+
+def test_nothing_moved_shows_na(tmp_path, capsys):
+    """The last checkpoint embeds every probe exactly as the base did: the rigid share is 0/0, null in
+    analysis.json and n/a on the console."""
+    root, path = tiny_run(tmp_path / "r")
+    trace = read_trace(path)
+    trace.domains = read_trace(root / "base" / "traces" / "phase0_step000100.safetensors").domains
+    write_trace(path, trace)
+    assert main([str(root), "--no-report"]) == 0
+    out = capsys.readouterr().out
+    a = no_nan((root / "analysis" / "analysis.json").read_text())
+    for pair in a["strategies"]["finetune"]["vs_base"][-1].values():
+        assert pair["procrustes"]["image"]["rigid_share"] is None and pair["procrustes"]["text"]["rigid_share"] is None
+        assert pair["rotation"]["image"]["max"] == 0.0 and pair["cka"]["image"] == pytest.approx(1.0)
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("finetune"))
+    assert "rigid n/a" in line

@@ -382,3 +382,317 @@ def test_paper_configs_build_on_the_documented_layout(tmp_path):
         coco = s.phases[0].train
         assert len(coco) == 6 and coco[2][1] in captions(2) and coco[2][2] // 1000 == coco.records[2].uid
     assert [p.train.n_images for p in s.phases] == [6, 10]
+
+
+# ----------------------------------------------------------------------------- every kind of image file
+
+# (kind, file extension, PIL mode of the file as written)
+KINDS = [("jpeg", "jpg", "RGB"), ("progressive", "jpg", "RGB"), ("cmyk", "jpg", "CMYK"),
+         ("grey", "png", "L"), ("palette", "png", "P"), ("rgba", "png", "RGBA")]
+
+
+def kind_bytes(i: int, kind: str) -> bytes:
+    """A real image file of one kind the readers accept (a JPEG, progressive and CMYK JPEGs, greyscale,
+    palette and RGBA PNGs), showing picture i."""
+    from PIL import Image
+    rgb = Image.open(io.BytesIO(image_bytes(i, "PNG")))
+    buf = io.BytesIO()
+    if kind in ("jpeg", "progressive"):
+        rgb.save(buf, "JPEG", progressive=kind == "progressive")
+    elif kind == "cmyk":
+        rgb.convert("CMYK").save(buf, "JPEG")
+    elif kind == "grey":
+        rgb.convert("L").save(buf, "PNG")
+    elif kind == "palette":
+        rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(buf, "PNG")
+    else:
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
+        rgba.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_kinds_csv(root: Path, name: str, start: int, n: int = 6) -> Path:
+    """A CSV source of n images cycling through every kind, two captions each."""
+    rows = ["filepath,title"]
+    for k in range(n):
+        kind, ext, _ = KINDS[k % len(KINDS)]
+        rel = f"{name}/{start + k}_{kind}.{ext}"
+        (root / "kinds" / name).mkdir(parents=True, exist_ok=True)
+        (root / "kinds" / rel).write_bytes(kind_bytes(start + k, kind))
+        rows += [f"{rel},{c}" for c in captions(start + k, 2)]
+    path = root / "kinds" / f"{name}.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def make_kinds_wds(path: Path, start: int, n: int, empty_caption: int = -1) -> None:
+    import webdataset as wds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for k in range(n):
+            kind, ext, _ = KINDS[k % len(KINDS)]
+            sink.write({"__key__": f"{k:07d}", ext: kind_bytes(start + k, kind),
+                        "txt": "" if k == empty_caption else "\n".join(captions(start + k, 2))})
+
+
+def kinds_sources(root: Path, **probe) -> list[dict]:
+    make_kinds_csv(root, "train", 700)
+    make_kinds_csv(root, "probe", 800)
+    return [{"name": "train", "format": "csv", "path": "kinds/train.csv"},
+            {"name": "probe", "format": "csv", "path": "kinds/probe.csv", "role": "probe", **probe}]
+
+
+def test_every_image_kind_is_decoded_once_and_held_exactly(tmp_path):
+    """Probe images of every kind are decoded once, up front, and held as uint8 after the resize and
+    crop: each item equals open_clip's evaluation transform of the file, and the embeddings equal
+    those of images decoded at each checkpoint (DataLoader workers); probe ids are image uids."""
+    from PIL import Image
+
+    from geomlab.data.readers import open_image
+    from geomlab.embed import embed_probe
+    from geomlab.models import create_model
+    sources = kinds_sources(tmp_path)
+    for k, (kind, ext, mode) in enumerate(KINDS):
+        with Image.open(tmp_path / "kinds" / "probe" / f"{800 + k}_{kind}.{ext}") as im:
+            assert im.mode == mode and (kind != "progressive" or im.info.get("progressive")), kind
+    model, transforms, tok = create_model("geomlab-tiny")
+    held = build_stream("datasets", data_config(tmp_path, sources), image_size=32, preprocess=transforms, seed=0)
+    (probe,) = held.probes
+    assert probe.images.in_memory and probe.images.pixels.dtype == torch.uint8
+    assert tuple(probe.images.pixels.shape) == (6, 3, 32, 32)
+    decoded = torch.stack([transforms["val"](open_image(rec)) for rec in probe.images.records])
+    assert torch.equal(torch.stack([probe.images[i] for i in range(6)]), decoded)
+    assert torch.equal(torch.cat(list(probe.images.batches(4, "cpu"))), decoded)   # what each checkpoint embeds
+    # uids: source index (the probe is source 1) × 10⁹ + ordinal; the trace's ids
+    assert probe.ids.tolist() == [1 * 10 ** 9 + k for k in range(6)]
+    cold = build_stream("datasets", data_config(tmp_path, sources, probe_cache_mb=0), image_size=32,
+                        preprocess=transforms, seed=0)
+    assert not cold.probes[0].images.in_memory
+    a = embed_probe(model, tok, probe, "cpu", batch_size=4)
+    b = embed_probe(model, tok, cold.probes[0], "cpu", batch_size=4, num_workers=1)
+    assert torch.equal(a.image, b.image) and torch.equal(a.text, b.text)
+
+
+def test_held_probe_images_respect_the_memory_budget(tmp_path):
+    import open_clip
+
+    from geomlab.data.readers import Bad, load_probe_images, read_csv
+    sources = kinds_sources(tmp_path)
+    records = read_csv(tmp_path / "kinds" / "probe.csv", None, img_key="filepath", caption_key="title",
+                       separator="", source="p", bad=Bad())
+    tf = open_clip.image_transform(32, is_train=False)
+    one = 3 * 32 * 32
+    assert load_probe_images(records, tf, source="p", bad=Bad(), budget_bytes=6 * one).in_memory
+    assert not load_probe_images(records, tf, source="p", bad=Bad(), budget_bytes=6 * one - 1).in_memory
+    # several probe sets share the budget: the second does not fit in what the first left
+    cfg = data_config(tmp_path, [*sources, dict(sources[1], name="probe2", path="kinds/probe.csv")])
+    cfg["probe_cache_mb"] = 1   # 1,048,576 B; at 200 px a set of 6 images takes 6 × 120,000 B
+    s = build_stream("datasets", cfg, image_size=200, preprocess=None, seed=0)
+    assert [p.images.in_memory for p in s.probes] == [True, False]
+
+
+# ----------------------------------------------------------------------------- shards cut short
+
+def cut_shards(root: Path) -> dict:
+    """8-sample shards of every image kind, cut: inside a member header, inside a member's data,
+    and at a member boundary (no end-of-archive block). -> {name: (path, samples kept)}"""
+    import tarfile
+    whole = root / "wds" / "whole.tar"
+    make_kinds_wds(whole, 900, 8)
+    data = whole.read_bytes()
+    with tarfile.open(whole) as t:
+        members = {m.name: m for m in t.getmembers()}
+    img5 = next(m for n, m in members.items() if n.startswith("0000005."))
+    txt4 = members["0000004.txt"]
+    cuts = {"header": (img5.offset + 200, 5),                 # inside sample 5's first header
+            "data": (img5.offset_data + 100, 5),             # inside sample 5's image
+            "boundary": (txt4.offset_data + 512, 5),         # right after sample 4: no end block
+            "caption": (txt4.offset_data + 10, 4)}           # inside sample 4's caption: 4 is lost too
+    out = {}
+    for name, (at, kept) in cuts.items():
+        (root / "wds" / f"{name}.tar").write_bytes(data[:at])
+        out[name] = (root / "wds" / f"{name}.tar", kept)
+    return out
+
+
+def test_a_truncated_shard_is_an_error_or_one_skipped_record(tmp_path, capsys):
+    make_karpathy(tmp_path, n_train=0, n_test=4)
+    for name, (path, kept) in cut_shards(tmp_path).items():
+        src = {"name": "wds", "format": "wds", "path": str(path)}
+        with pytest.raises(DataError) as e:
+            build_stream("datasets", data_config(tmp_path, [src, FLICKR_TEST]), image_size=32, preprocess=None, seed=0)
+        msg = str(e.value)
+        last = "0000004.png" if name == "caption" else "0000004.txt"   # sample 4: a palette PNG
+        assert len(msg.splitlines()) == 1 and str(path) in msg and "truncated shard" in msg, msg
+        assert f"last complete member {last}" in msg and "on_bad_sample" in msg, msg
+        s = build_stream("datasets", data_config(tmp_path, [src, FLICKR_TEST], on_bad_sample="skip"), image_size=32,
+                         preprocess=None, seed=0)
+        (phase,) = s.phases
+        assert [r.ref for r in phase.train.records] == [f"key {k:07d}" for k in range(kept)], name
+        (rec,) = s.skipped
+        assert rec["file"] == str(path) and rec["reason"].startswith("truncated shard"), rec
+        assert rec["record"] == (f"from key {kept:07d} on" if name == "caption" else f"after key {kept - 1:07d}")
+        assert phase.train[len(phase.train) - 1][0].shape == (3, 32, 32)   # the last kept sample decodes
+    capsys.readouterr()
+    # cut before any member is whole: every sample is the rest; a file that is no tar stays an error
+    from geomlab.data.readers import Bad, read_wds
+    (tmp_path / "wds" / "first.tar").write_bytes((tmp_path / "wds" / "whole.tar").read_bytes()[:300])
+    (tmp_path / "wds" / "junk.tar").write_bytes(b"x" * 1024)
+    bad = Bad("skip", quiet=True)
+    assert read_wds("wds/first.tar", tmp_path, image_ext=["jpg", "png"], caption_ext="txt", source="w", bad=bad) == []
+    assert [(r["record"], r["reason"].split(";")[0]) for r in bad.skipped] == [
+        ("every sample", "truncated shard: cut inside its first member header (the file has 300 bytes)")]
+    with pytest.raises(DataError, match="junk.tar: not a readable tar shard"):
+        read_wds("wds/junk.tar", tmp_path, image_ext=["jpg"], caption_ext="txt", source="w", bad=bad)
+    # a limit within the samples before the cut never meets the cut
+    src = {"name": "wds", "format": "wds", "path": "wds/header.tar", "limit": 3}
+    s = build_stream("datasets", data_config(tmp_path, [src, FLICKR_TEST]), image_size=32, preprocess=None, seed=0)
+    assert s.phases[0].train.n_images == 3 and not s.skipped
+
+
+def test_a_truncated_shard_stops_the_cli_before_training(tmp_path, capsys):
+    make_karpathy(tmp_path, n_train=0, n_test=4)
+    path, _ = cut_shards(tmp_path)["header"]
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(config_text(tmp_path, [{"name": "wds", "format": "wds", "path": str(path)}, FLICKR_TEST]))
+    out = tmp_path / "run"
+    assert train.main(["--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("geomlab.train: error:") and str(path) in err, err
+    assert "last complete member 0000004.txt" in err and not out.exists()
+
+
+# ----------------------------------------------------------------------------- image errors, counted once
+
+def png_decompression_bomb(side: int = 14000) -> bytes:
+    """A valid 1-bit PNG of side² pixels, over PIL's decompression-bomb limit (2 × 89,478,485),
+    written directly (zlib) because PIL takes seconds to encode it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\0" * (1 + (side + 7) // 8)   # filter byte 0, then black pixels
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(row * side, 9)) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_an_image_error_under_both_policies(tmp_path, capsys):
+    from PIL import Image
+    sources = kinds_sources(tmp_path)
+    (tmp_path / "kinds" / "train" / "bomb.png").write_bytes(png_decompression_bomb())
+    limit = 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.MonkeyPatch.context() as mp:   # a real PNG: PIL reads it when told to ignore the limit
+        mp.setattr(Image, "MAX_IMAGE_PIXELS", None)
+        with Image.open(tmp_path / "kinds" / "train" / "bomb.png") as im:
+            assert im.size == (14000, 14000) and im.size[0] * im.size[1] > limit
+    csv_path = tmp_path / "kinds" / "train.csv"
+    csv_path.write_text(csv_path.read_text() + "train/bomb.png,an empty picture too big to open\n")
+    cfg = tmp_path / "exp.toml"
+    # batch 14 > the 13 pairs: the bomb is decoded in the first step
+    cfg.write_text(config_text(tmp_path, sources).replace("batch_size = 8", "batch_size = 14"))
+    assert train.main(["--config", str(cfg), "--out", str(tmp_path / "err")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("geomlab.train: error:") and "bomb.png" in err and "DecompressionBombError" in err, err
+    assert "on_bad_sample" in err and "line 14" in err
+    s = build_stream("datasets", data_config(tmp_path, sources, on_bad_sample="skip"), image_size=32,
+                     preprocess=None, seed=0)
+    (rec,) = s.skipped
+    assert rec["file"].endswith("bomb.png") and "DecompressionBombError" in rec["reason"]
+    assert s.phases[0].train.n_images == 6
+
+
+def test_every_bad_input_is_counted_once(tmp_path, capsys):
+    make_karpathy(tmp_path, n_train=0, n_test=4)
+    make_kinds_wds(tmp_path / "wds" / "empty.tar", 950, 6, empty_caption=2)
+    make_coco(tmp_path, n=3)
+    ann_path = tmp_path / "coco/annotations/captions_train2017.json"
+    ann = json.loads(ann_path.read_text())
+    for a in ann["annotations"]:
+        if a["image_id"] == 1001:
+            a["caption"] = " "     # every caption of one image is empty
+    ann_path.write_text(json.dumps(ann))
+    sources = [{"name": "wds", "format": "wds", "path": "wds/empty.tar"},
+               {"name": "coco", "format": "coco", "path": str(ann_path), "images": "coco/train2017"}, FLICKR_TEST]
+    s = build_stream("datasets", data_config(tmp_path, sources, on_bad_sample="skip"), image_size=32,
+                     preprocess=None, seed=0)
+    wds_skips = [r for r in s.skipped if r["source"] == "wds"]
+    assert wds_skips == [{"source": "wds", "file": str(tmp_path / "wds/empty.tar"), "record": "key 0000002",
+                          "reason": "empty caption member .txt"}]
+    coco_skips = [r for r in s.skipped if r["source"] == "coco"]
+    assert len(coco_skips) == 5 and all("image id 1001" in r["record"] for r in coco_skips)  # its 5 captions
+    assert s.info["skipped"] == 6 and [p.train.n_images for p in s.phases] == [5, 2]
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- probes checked before training
+
+def test_a_bad_probe_image_stops_the_run_before_training(tmp_path, capsys):
+    sources = kinds_sources(tmp_path)
+    bad_png = tmp_path / "kinds" / "probe" / "804_palette.png"
+    data = bad_png.read_bytes()
+    bad_png.write_bytes(data[: len(data) // 2])
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(config_text(tmp_path, sources).replace("base_steps = 2", "base_steps = 400"))
+    out = tmp_path / "run"
+    assert train.main(["--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "804_palette.png" in err and "unreadable image" in err, err
+    assert "on_bad_sample" in err and not out.exists()   # nothing trained, nothing written
+
+
+def test_limit_and_probe_size_bound_the_checks(tmp_path):
+    """A partial download: images past `limit` (a probe source) and past `probe_size` are missing or
+    broken; a run that uses only the first ones is not stopped by them."""
+    sources = kinds_sources(tmp_path)
+    (tmp_path / "kinds" / "probe" / "805_rgba.png").unlink()                        # past limit = 5
+    (tmp_path / "kinds" / "probe" / "804_palette.png").write_bytes(b"not a png")    # past probe_size = 3
+    cfg = data_config(tmp_path, [sources[0], dict(sources[1], limit=5)])
+    cfg["probe_size"] = 3
+    s = build_stream("datasets", cfg, image_size=32, preprocess=None, seed=0)
+    assert len(s.probes[0].ids) == 3 and not s.skipped
+    with pytest.raises(DataError, match="805_rgba.png"):
+        build_stream("datasets", data_config(tmp_path, sources), image_size=32, preprocess=None, seed=0)
+    with pytest.raises(DataError, match="804_palette.png"):
+        build_stream("datasets", data_config(tmp_path, [sources[0], dict(sources[1], limit=5)]), image_size=32,
+                     preprocess=None, seed=0)
+
+
+# ----------------------------------------------------------------------------- a failed start, begun again
+
+def test_a_failed_start_is_begun_again_with_a_new_config(tmp_path, capsys):
+    sources = kinds_sources(tmp_path)
+    broken = tmp_path / "kinds" / "train" / "703_grey.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(config_text(tmp_path, sources).replace("batch_size = 8", "batch_size = 12"))
+    out = tmp_path / "run"
+    assert train.main(["--config", str(cfg), "--out", str(out)]) == 2   # decoded in the first step
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "703_grey.png" in err and "unreadable image" in err and "on_bad_sample=\"skip\"" in err, err
+    assert (out / "config.toml").is_file() and (out / "run.json").is_file()
+    assert not list(out.rglob("*.pt"))
+    assert train.main(["--config", str(cfg), "--out", str(out), "data.on_bad_sample=skip"]) == 0
+    cap = capsys.readouterr()
+    assert "skipped 1 bad record" in cap.out and "703_grey.png" in cap.err
+    info = json.loads((out / "run.json").read_text())
+    assert info["completed"] == {"base": [0]} and len(info["skipped_records"]) == 1
+    assert 'on_bad_sample = "skip"' in (out / "config.toml").read_text()
+    # with checkpoints, it is a run: another config is refused, saying when a directory is begun again
+    assert train.main(["--config", str(cfg), "--out", str(out), "data.on_bad_sample=error"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "different run" in err and "before its first checkpoint" in err, err
+
+
+def test_an_unreadable_shard_member_is_named_not_its_buffer(tmp_path):
+    import webdataset as wds
+
+    from geomlab.data.readers import Bad, open_image, read_wds
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        sink.write({"__key__": "a", "jpg": b"not a jpeg", "txt": "a caption"})
+    (rec,) = read_wds("s.tar", tmp_path, image_ext=["jpg"], caption_ext="txt", source="w", bad=Bad())
+    with pytest.raises(DataError) as e:
+        open_image(rec, "w")
+    msg = str(e.value)
+    assert "BytesIO" not in msg and "cannot identify image file 'a.jpg'" in msg and "s.tar:a.jpg" in msg, msg

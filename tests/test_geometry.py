@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from geomlab import geometry as G
+from geomlab import kernels
 from geomlab.geometry.stats import summarize
 from geomlab.traces import DomainEmbeddings
 
@@ -209,7 +210,8 @@ def test_identical_checkpoints_give_zero_movement():
 def test_identical_checkpoints_rank_deficient_give_identity_rotation():
     a = unit(10, 32, 17)  # N < d: Procrustes is not unique; geomlab picks the one nearest the identity
     res = G.procrustes(a, a)
-    assert res.spectrum.max() < 1e-4 and res.rigid_share == 1.0
+    assert res.spectrum.max() < 1e-4 and torch.allclose(res.rotation, torch.eye(32, dtype=torch.float64), atol=1e-12)
+    assert math.isnan(res.rigid_share)  # nothing moved: no displacement to share out
 
 
 def test_rotating_both_modalities_is_rigid():
@@ -279,9 +281,10 @@ def test_summarize_matches_numpy():
 
 def test_accuracy_matrix_forgetting_bwt():
     A = torch.tensor([[0.9, 0.1, 0.0], [0.6, 0.8, 0.1], [0.5, 0.7, 0.9]], dtype=torch.float64)
-    assert torch.allclose(G.forgetting(A), torch.tensor([0.4, 0.1, 0.1 - 0.9], dtype=torch.float64))
-    assert G.bwt(A) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
-    assert G.average_accuracy(A) == pytest.approx(0.7)
+    # probe set d learned at phase d (the full metrics: tests/test_forgetting.py)
+    assert G.forgetting(A, [0, 1, 2])[:2].tolist() == pytest.approx([0.4, 0.1])
+    assert G.bwt(A, [0, 1, 2]) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+    assert G.last_accuracy(A) == pytest.approx(0.7)
     # from embeddings: ½ (image→text R@1 + text→image R@1) of brute-force ranks, row by row
     img, txt = paired(50, 8, 26)
     img_b = perturb(img, 0.5, 27)
@@ -294,3 +297,229 @@ def test_accuracy_matrix_forgetting_bwt():
     expected = torch.tensor([[r1(img)], [r1(img_b)]], dtype=torch.float64)
     assert expected[0, 0] != expected[1, 0]
     assert torch.allclose(G.accuracy_matrix(rows), expected, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# degenerate input: each case against its definition (docs/definitions.md, "Non-finite and
+# degenerate input" and each measure's edge cases)
+
+
+def collapsed(n, d, seed=0):
+    """A space collapsed to one point: the same unit row n times."""
+    return unit(1, d, seed).repeat(n, 1)
+
+
+def dense_cka(x, y):
+    """HSIC(K, L) / √(HSIC(K, K) HSIC(L, L)) with N×N kernels and the centring matrix."""
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, l_ = x @ x.T, y @ y.T
+
+    def hsic(p, q):
+        return torch.trace(p @ h @ q @ h)
+
+    return float(hsic(k, l_) / torch.sqrt(hsic(k, k) * hsic(l_, l_)))
+
+
+def test_linear_cka_of_a_collapsed_side_is_nan():
+    y = unit(200, 16, 30)
+    x = collapsed(200, 16, 31)
+    assert math.isnan(dense_cka(x, y))  # the kernel form is 0/0 as well
+    assert math.isnan(G.linear_cka(x, y)) and math.isnan(G.linear_cka(y, x))
+    assert math.isnan(G.linear_cka(x, x))
+    one_hot = torch.zeros(200, 16, dtype=torch.float64)
+    one_hot[:, 0] = 1  # its column mean is exact: the centred side is exactly zero
+    assert math.isnan(G.linear_cka(one_hot, y))
+    # float16 traces of identical rows, as the analyser passes them (unit rows)
+    x16, y16 = G.measures._unit(x.half()), G.measures._unit(y.half())
+    assert math.isnan(G.linear_cka(x16, y16))
+    assert math.isnan(G.linear_cka(y[:1], x[:1]))  # one row: no variance
+    # variance at float16 resolution is real variance: CKA is defined and matches the kernel form
+    near = (x + 1e-3 * unit(200, 16, 32)).half().double()
+    # (the kernel form of the rows as given loses 8 digits to the common offset; HSIC does not
+    # change when the rows are centred first, which the reference does to keep them)
+    assert G.linear_cka(near, y) == pytest.approx(dense_cka(near - near.mean(0), y), rel=1e-9)
+    assert G.linear_cka(near, y) == pytest.approx(dense_cka(near, y), rel=1e-6)
+
+
+def test_spatial_disorder_of_a_collapsed_side():
+    img, txt = paired(120, 16, 33)
+    img_b = collapsed(120, 16, 34)
+    sd = G.spatial_disorder((img, txt), (img_b, txt))
+    assert math.isnan(sd["cka"]["image"]) and math.isnan(sd["mutual_knn"]["image"])
+    assert sd["cka"]["text"] == pytest.approx(1.0) and sd["mutual_knn"]["text"] == 1.0
+    # Procrustes is still defined (rank-deficient: see test_procrustes_of_a_collapsed_side)
+    ref, _ = scipy.linalg.orthogonal_procrustes(img.numpy(), img_b.numpy())
+    num = np.linalg.norm(img.numpy() @ ref - img_b.numpy()) ** 2
+    den = np.linalg.norm(img.numpy() - img_b.numpy()) ** 2
+    assert sd["procrustes"]["image"]["rigid_share"] == pytest.approx(1 - num / den, abs=1e-9)
+
+
+def test_procrustes_of_a_collapsed_side():
+    """AᵀB of rank 1: R attains the minimum (scipy's value), maps the one direction of A to the mean
+    direction of B, and is the identity on what the data leave free."""
+    a, b = collapsed(50, 8, 35), unit(50, 8, 36)
+    p = G.procrustes(a, b)
+    r = p.rotation
+    assert torch.allclose(r.T @ r, torch.eye(8, dtype=torch.float64), atol=1e-12)
+    ref, _ = scipy.linalg.orthogonal_procrustes(a.numpy(), b.numpy())
+    assert float((a @ r - b).norm()) == pytest.approx(float(np.linalg.norm(a.numpy() @ ref - b.numpy())), rel=1e-12)
+    w = F.normalize(b.sum(0, keepdim=True), dim=1)
+    assert torch.allclose(a[:1] @ r, w, atol=1e-12)
+    q, _ = torch.linalg.qr(torch.cat([a[:1], w, unit(6, 8, 37)]).T)
+    free = q[:, 2:].T  # orthogonal to both a's direction and b's mean
+    assert torch.allclose(free @ r, free, atol=1e-12)
+    den = float(((a - b) ** 2).sum())
+    assert p.rigid_share == pytest.approx(1 - float(((a @ r - b) ** 2).sum()) / den, abs=1e-12)
+
+
+def test_nothing_moved():
+    """a = b: the rigid share is 0/0 (NaN); R = I, so the spectrum and the desync are rounding."""
+    img, txt = paired(100, 8, 38)
+    p = G.procrustes(img, img)
+    assert math.isnan(p.rigid_share) and p.spectrum.max() < 1e-4
+    dev = G.inter_modal_deviation(img, txt, img, txt)
+    assert dev["desync_max"] < 1e-4 and float(dev["mismatch"].abs().max()) == 0.0
+    assert float(dev["alignment_drift"].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_topology_drift_without_pairs_is_nan(n):
+    out = G.topology_drift(unit(n, 4, 39), unit(n, 4, 40))
+    assert out["pairs"] == 0 and out["exact"]
+    assert all(math.isnan(out[k]) for k in ("mean", "median", "p90", "max"))
+
+
+def test_mutual_knn_undefined_cases():
+    k = 10
+    # k ≥ N − 1: every other sample is a neighbour, whatever the embeddings
+    for n in (1, 5, k, k + 1):
+        assert math.isnan(G.mutual_knn(unit(n, 6, 41), unit(n, 6, 42), k)), n
+    # N = k + 2 is the first that depends on the data: brute force
+    x, y = unit(k + 2, 6, 43), unit(k + 2, 6, 44)
+
+    def nn(z):
+        s = z @ z.T
+        s.fill_diagonal_(-math.inf)
+        return [set(r.tolist()) for r in torch.topk(s, k, dim=1).indices]
+
+    assert G.mutual_knn(x, y, k) == pytest.approx(np.mean([len(p & q) / k for p, q in zip(nn(x), nn(y))]))
+    assert math.isnan(G.mutual_knn(collapsed(50, 6, 45), unit(50, 6, 46), k))  # every neighbour a tie
+    with pytest.raises(ValueError, match="mutual_knn: k must be at least 1"):
+        G.mutual_knn(x, y, 0)
+
+
+def test_zero_rows_have_no_direction():
+    a, b = unit(30, 6, 47), unit(30, 6, 48)
+    b[[3, 7]] = 0
+    for name, call in (("rotation_angles", lambda: G.rotation_angles(a, b)),
+                       ("topology_drift", lambda: G.topology_drift(a, b)),
+                       ("procrustes", lambda: G.procrustes(a, b)),
+                       ("mutual_knn", lambda: G.mutual_knn(a, b, 5)),
+                       ("modality_gap", lambda: G.modality_gap(a, b)),
+                       ("inter_modal_deviation", lambda: G.inter_modal_deviation(a, a, b, a)),
+                       ("flips", lambda: G.flips(a, a, b, a)),
+                       ("spatial_disorder", lambda: G.spatial_disorder((a, a), (b, a)))):
+        with pytest.raises(ValueError, match=rf"^{name}: 2 of 30 rows of \w+ are zero"):
+            call()
+    # CKA takes rows as given: a zero row is a point like any other
+    assert G.linear_cka(a, b) == pytest.approx(dense_cka(a, b), rel=1e-9)
+
+
+def test_modality_gap_of_an_empty_side_is_nan():
+    assert math.isnan(G.modality_gap(unit(0, 4, 49), unit(5, 4, 50)))
+
+
+def test_roc_auc_without_two_classes_is_none():
+    assert G.roc_auc(torch.zeros(0, dtype=torch.bool), torch.zeros(0)) is None
+    assert G.roc_auc(torch.ones(3, dtype=torch.bool), torch.tensor([0.1, 0.1, 0.1])) is None
+    # all scores tied: defined, no predictive power
+    assert G.roc_auc(torch.tensor([True, False, True]), torch.ones(3)) == 0.5
+
+
+def test_flip_shares_of_nothing_are_nan():
+    img, txt = paired(40, 8, 51)
+    wrong = G.flips(img, -txt, img, txt)["image_to_text"]  # nothing is right at a
+    assert wrong["correct_a"] == 0 and math.isnan(wrong["forgotten"]) and wrong["auc_mismatch"] is None
+    assert wrong["learned"] == pytest.approx(wrong["correct_b"] / 40)
+    right = G.flips(img, img, img, img)["text_to_image"]  # everything is right at a
+    assert right["correct_a"] == 40 and math.isnan(right["learned"]) and right["forgotten"] == 0.0
+
+
+def test_summarize_of_an_empty_set():
+    out = summarize(torch.zeros(0), hist=True, bins=4)
+    assert out == {"n": 0, "mean": None, "std": None, "min": None, "p10": None, "p25": None, "median": None,
+                   "p75": None, "p90": None, "max": None, "hist": {"lo": 0.0, "hi": 180.0, "counts": [0, 0, 0, 0]}}
+
+
+def test_metrics_from_ranks_without_queries_are_nan():
+    m = G.metrics_from_ranks(torch.zeros(0, dtype=torch.long), torch.tensor([0, 2]))
+    assert all(math.isnan(v) for k, v in m.items() if k.startswith("image_to_text"))
+    assert m["text_to_image_R@1"] == 0.5 and m["text_to_image_mean_rank"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite input: never a number
+
+
+def poisoned(x, rows, value):
+    x = x.clone()
+    x[rows] = value
+    return x
+
+
+def nonfinite_calls(bad, good):
+    """(measure, call) for every public function, `bad` in one of its embedding arguments."""
+    ids = torch.arange(good.shape[0])
+    return [
+        ("rotation_angles", lambda: G.rotation_angles(good, bad)),
+        ("topology_drift", lambda: G.topology_drift(bad, good)),
+        ("procrustes", lambda: G.procrustes(good, bad)),
+        ("linear_cka", lambda: G.linear_cka(good, bad)),
+        ("mutual_knn", lambda: G.mutual_knn(bad, good, 5)),
+        ("modality_gap", lambda: G.modality_gap(good, bad)),
+        ("inter_modal_deviation", lambda: G.inter_modal_deviation(good, good, good, bad)),
+        ("flips", lambda: G.flips(good, bad, good, good)),
+        ("spatial_disorder", lambda: G.spatial_disorder((good, good), (bad, good))),
+        ("retrieval_metrics", lambda: G.retrieval_metrics(good.float(), bad.float())),
+        ("retrieval_metrics", lambda: G.accuracy_matrix([{"d": DomainEmbeddings(bad.float(), good.float(), ids)}])),
+    ]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_rows_raise_naming_the_measure(value):
+    good = unit(40, 6, 52)
+    bad = poisoned(good, [0, 5, 9], value)
+    for name, call in nonfinite_calls(bad, good):
+        with pytest.raises(ValueError, match=rf"^{name}: 3 of 40 rows of \w+ are not finite \(NaN or inf\)"):
+            call()
+    with pytest.raises(ValueError, match=r"^eigen_angles: 1 of 4 rows of rotation are not finite"):
+        G.eigen_angles(poisoned(torch.eye(4, dtype=torch.float64), [2], value))
+    with pytest.raises(ValueError, match=r"^roc_auc: 1 of 3 entries of scores are not finite"):
+        G.roc_auc(torch.tensor([True, False, True]), torch.tensor([0.2, value, 0.1]))
+    with pytest.raises(ValueError, match=r"^summarize: 2 of 4 entries of values are not finite"):
+        summarize(torch.tensor([1.0, value, 3.0, value]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_kernels_refuse_non_finite_features(backend, value):
+    """With NaN every "score > positive" comparison is false: every positive would rank first."""
+    good = unit(30, 8, 53).float()
+    bad = poisoned(good, [1, 2], value)
+    for call in (lambda: kernels.retrieval_ranks(bad, good, backend=backend),
+                 lambda: kernels.topk(bad, good, 3, backend=backend),
+                 lambda: kernels.similarity(bad, good, backend=backend)):
+        with pytest.raises(ValueError, match=r"2 of 30 rows of the first \(queries, image\) input are not finite"):
+            call()
+    with pytest.raises(ValueError, match=r"2 of 30 rows of the second \(gallery, text\) input are not finite"):
+        kernels.retrieval_ranks(good, bad, backend=backend)
+
+
+def test_kernels_accept_finite_features_whose_sum_overflows():
+    """The finiteness check sums first: an overflowing fp16 sum of finite features is not an error."""
+    big = torch.full((64, 4), 60000.0, dtype=torch.float16)
+    big[::2] *= -0.5
+    assert not torch.isfinite(big.sum())
+    i2t, t2i = kernels.retrieval_ranks(big, big, backend="torch")
+    assert i2t.shape == (64,) and t2i.shape == (64,)

@@ -1,5 +1,6 @@
-"""The HTML report in a real headless browser: every figure renders, no JavaScript error, and text
-from the data (captions, strategy names) cannot execute."""
+"""The HTML reports (one run's analysis and a study across seeds) in a real headless browser: every
+figure renders with its caption, no JavaScript error, and text from the data (captions, strategy
+names) cannot execute."""
 import re
 import shutil
 import subprocess
@@ -8,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from geomlab.analyze import analyze
+from geomlab.analyze import analyze, analyze_study
 from geomlab.data import ProbeSet
-from geomlab.figures import figures, write_report
+from geomlab.figures import figures, study_figures, write_report
 from geomlab.geometry.sphere import SphereProjection
-from geomlab.geometry.synthetic import synthetic_run
+from geomlab.geometry.synthetic import synthetic_run, synthetic_study
 from geomlab.rundir import RunDir
 from geomlab.traces import read_trace
 
@@ -60,8 +61,8 @@ def test_report_is_offline_and_escaped(report):
         assert raw not in text
     ids = a["sphere"]["samples"]["domain0"]["ids"]
     assert a["sphere"]["samples"]["domain0"]["captions"] == [EVIL_CAPTIONS[i % 3] for i in range(len(ids))]
-    assert [name for _, name, _ in figures(a)[-len(a["strategies"]):]] == [f"Sphere: {s}" for s in a["strategies"]]
-    assert len(figures(a)) == 8 + len(a["strategies"])
+    assert [name for _, name, _, _ in figures(a)[-len(a["strategies"]):]] == [f"Sphere: {s}" for s in a["strategies"]]
+    assert len(figures(a)) == 9 + len(a["strategies"])  # the synthetic run records zero-shot accuracies
 
 
 def test_summary_table_shows_the_headline_numbers(report):
@@ -74,15 +75,54 @@ def test_summary_table_shows_the_headline_numbers(report):
         cells = re.findall(r"<td>(.*?)</td>", row, re.S)
         acc, g = s["accuracy"], s["vs_base"][-1]["domain0"]
         auc = g["flips"]["image_to_text"]["auc_alignment_drift"]
-        assert cells[1:] == [str(len(s["checkpoints"])), f"{acc['average']:.3f}", f"{acc['mean_forgetting']:.3f}",
-                             f"{acc['bwt']:+.3f}", f"{g['rotation']['image']['mean']:.1f}",
+        assert cells[1:] == [str(len(s["checkpoints"])), f"{acc['last']:.3f}", f"{acc['avg']:.3f}",
+                             f"{acc['bwt']:+.3f}", f"{acc['mean_forgetting']:.3f}", f"{acc['transfer']:.3f}",
+                             f"{acc['domain0']['r1']:.3f}", f"{acc['last_domain']['r1']:.3f}",
+                             f"{g['rotation']['image']['mean']:.1f}",
                              f"{g['rotation']['text']['mean']:.1f}", f"{g['procrustes']['image']['rigid_share']:.2f}",
                              f"{g['deviation']['desync']['mean']:.1f}",
                              f"{g['flips']['image_to_text']['forgotten']:.2f}", "–" if auc is None else f"{auc:.2f}"]
 
 
-def test_report_renders_in_headless_chromium(report, tmp_path):
-    path, a = report
+@pytest.fixture(scope="module")
+def study_report(tmp_path_factory):
+    root = synthetic_study(tmp_path_factory.mktemp("runs") / "evil-study", [0, 1],
+                           strategies=("finetune", EVIL_STRATEGY), checkpoints=4, domains=3, n=40, d=16)
+    st = analyze_study([root], report=False, quiet=True)
+    return write_report(st, root / "analysis" / "report.html"), st
+
+
+def captions(path) -> list[str]:
+    return re.findall(r'<section id="[^"]+"><h2>[^<]+</h2><p class=caption>([^<]*)</p>', Path(path).read_text())
+
+
+def test_every_figure_has_a_caption(report, study_report):
+    for (path, a), figs in ((report, figures(report[1])), (study_report, study_figures(study_report[1]))):
+        found = captions(path)
+        assert len(found) == len(figs) and all(len(c) > 60 for c in found)
+        assert "A[t][p]" in found[0]  # each caption is its own figure's
+    path, st = study_report
+    text = path.read_text()
+    assert EVIL_STRATEGY not in text  # escaped in the tables, figures and captions alike
+    assert {sid for sid, *_ in study_figures(st)} >= {"accuracy", "forgetting", "geometry", "retention",
+                                                       "geometry-forgetting"}
+
+
+def test_sphere_legend_names_colours_and_markers(report):
+    _, a = report
+    fig = dict((sid, f) for sid, _, f, _ in figures(a))["sphere-0"]
+    shown = [t for t in fig.data if t.type == "scatter3d" and t.visible]
+    assert {(t.legendgrouptitle.text, t.name, t.marker.symbol) for t in shown} == {
+        (f"probe set {d}", mod, symbol) for d in a["domains"] for mod, symbol in (("image", "circle"), ("text", "diamond"))}
+    assert len({t.marker.color for t in shown}) == len(a["domains"])  # one colour per probe set
+    assert "colour: probe set" in fig.layout.legend.title.text and "image" in fig.layout.legend.title.text
+    first = next(t for t in shown if t.legendgroup == "domain0" and t.name == "image")
+    assert first.hovertext[1].endswith(EVIL_CAPTIONS[1].replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+                                       .replace("'", "&#x27;"))  # hover: the caption, escaped
+
+
+def check_renders_in_chromium(path, n: int, tmp_path):
+    """Every one of the report's `n` figures rendered by headless Chromium, with no script error."""
     chromium = find_chromium()
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -92,7 +132,6 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     dom = proc.stdout
     assert proc.returncode == 0 and "</html>" in dom, proc.stderr[-2000:]
     body = re.search(r"<body[^>]*>", dom).group(0)
-    n = len(figures(a))
     assert f'data-figures="{n}"' in body and f'data-figures-rendered="{n}"' in body, body
     errors = re.search(r'<pre id="js-errors" data-count="(\d+)"[^>]*>(.*?)</pre>', dom, re.S)
     assert errors and errors.group(1) == "0", errors and errors.group(2)
@@ -105,3 +144,13 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert 'class="main-svg"' in d, f"{fid} did not render"
         if fid.startswith("fig-sphere"):
             assert "<canvas" in d, f"{fid}: no WebGL canvas"
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    path, a = report
+    check_renders_in_chromium(path, len(figures(a)), tmp_path)
+
+
+def test_study_report_renders_in_headless_chromium(study_report, tmp_path):
+    path, st = study_report
+    check_renders_in_chromium(path, len(study_figures(st)), tmp_path)

@@ -1,8 +1,11 @@
-"""Training step time: geomlab's finetune and modx steps against a bare open_clip loop.
+"""Training step time: geomlab's strategies' steps against a bare open_clip loop and finetune.
 
 The bare loop is what a researcher would write by hand: same model, batch and optimizer, open_clip's
 ClipLoss, the logit-scale clamp, no checkpoints. geomlab's steps run through the trainer's own
-`batches` (DataLoader) and `train_step`. Targets: finetune <= 1.15x bare, modx <= 1.5x finetune.
+`batches` (DataLoader over the strategy's data and step_indices), `train_step` and the strategy's
+`after_step`, in phase 1 of the stream (its start_phase, e.g. EWC's Fisher or the replay buffer's
+update, runs once before timing; end_phase runs once per phase and is not timed). Targets:
+finetune <= 1.15x bare; modx, lwf, der, zscl <= 1.5x finetune; ewc, er, wise <= 1.2x finetune.
 Variants are timed in interleaved blocks and the median block is reported, so that a slow moment
 of the machine does not land on one variant only.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import tempfile
 import time
 
@@ -24,7 +28,9 @@ from geomlab.runtime import DEVICES
 
 from .common import print_table, write_json
 
-TARGETS = {"finetune": ("bare", 1.15), "modx": ("finetune", 1.5)}
+TARGETS = {"finetune": ("bare", 1.15), "modx": ("finetune", 1.5), "lwf": ("finetune", 1.5),
+           "der": ("finetune", 1.5), "zscl": ("finetune", 1.5), "ewc": ("finetune", 1.2),
+           "er": ("finetune", 1.2), "wise": ("finetune", 1.2)}
 
 
 def add_arguments(p) -> None:
@@ -40,6 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--csv-images", type=int, default=512)
     p.add_argument("--csv-px", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=None, help="data.num_workers (default: the config's)")
+    p.add_argument("--strategies", default=",".join(TARGETS),
+                   help="comma-separated strategies to time (default: every one with a target)")
 
 
 def _trainer(args):
@@ -82,14 +90,19 @@ def csv_overrides(args) -> list[str]:
             f'{{name="probe", format="csv", role="probe", path="{probe_csv}"}}]']
 
 
-def _variants(trainer):
-    """name -> step(i) closures, each with its own copy of the model and its own optimizer."""
+def _variants(trainer, names):
+    """name -> (step(i, images, tokens), dataset, indices(step)): each variant with its own copy of
+    the model, its own optimizer and its strategy started on phase 1 (bare: finetune's batches)."""
     from open_clip.loss import ClipLoss
+
+    from geomlab.io import atomic_torch_save
     from geomlab.train import LOGIT_SCALE_MAX, lr_at, make_optimizer
 
     base_weights = copy.deepcopy(trainer.model.state_dict())
     cfg = trainer.config
-    data = trainer.stream.phases[min(1, len(trainer.stream.phases) - 1)].train
+    phase = min(1, len(trainer.stream.phases) - 1)
+    # the base model zscl distils from: here, the starting weights
+    atomic_torch_save(trainer.run.checkpoint_path("base", 0, 0), {"state_dict": base_weights})
     variants = {}
 
     # bare: a hand-written open_clip loop on the same batches
@@ -107,39 +120,49 @@ def _variants(trainer):
         bare_opt.step()
         with torch.no_grad():
             bare_model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
-    variants["bare"] = bare
 
-    for name in ("finetune", "modx"):
+    for name in dict.fromkeys(["finetune", *names]):
         trainer.model.load_state_dict(base_weights)
         model = copy.deepcopy(trainer.model).train()
         trainer.model = model
-        strategy = trainer.make_strategy(name)
+        strategy = trainer.make_strategy(name, name, phase)
+        data = strategy.start_phase(model)
+        model.train()
         opt = make_optimizer(model, cfg)
 
         def step(i, images, tokens, model=model, strategy=strategy, opt=opt):
             trainer.model = model
-            trainer.train_step(strategy, opt, images, tokens, lr_at(i, 1000, cfg))
-        variants[name] = step
+            trainer.train_step(strategy, opt, images, tokens, i, lr_at(i, 1000, cfg))
+            strategy.after_step(model, i + 1)
+        variants[name] = (step, data, strategy.step_indices)
+    variants = {"bare": (bare, *variants["finetune"][1:]), **variants}
     if trainer.config["data"]["stream"] != "shapes":
-        variants["loader"] = lambda i, images, tokens: None  # the DataLoader path alone
-    return variants, data
+        variants["loader"] = (lambda i, images, tokens: None, *variants["finetune"][1:])  # the DataLoader alone
+    return variants
 
 
 def run(args) -> int:
     trainer = _trainer(args)
-    variants, data = _variants(trainer)
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        print(f"geomlab.bench train: error: --strategies: unknown {', '.join(unknown)}; valid: "
+              f"{', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    variants = _variants(trainer, names)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     blocks = {name: [] for name in variants}
-    for name, step in variants.items():  # warm-up
-        for i, (images, tokens) in enumerate(trainer.batches(data, 0, 0, 3)):
+    for name, (step, data, indices) in variants.items():  # warm-up
+        for i, (images, tokens) in enumerate(trainer.batches(data, indices, 0, 3)):
             step(i, images, tokens)
     for b in range(args.blocks):
-        for name, step in variants.items():
+        for name, (step, data, indices) in variants.items():
             first = 3 + b * args.steps
             sync()
             t0 = time.perf_counter()
             # Every variant loads its batches through the trainer's DataLoader, as a bare loop would.
-            for i, (images, tokens) in enumerate(trainer.batches(data, 0, first, first + args.steps), start=first):
+            for i, (images, tokens) in enumerate(trainer.batches(data, indices, first, first + args.steps),
+                                                 start=first):
                 step(i, images, tokens)
             sync()
             blocks[name].append((time.perf_counter() - t0) / args.steps)

@@ -2,7 +2,9 @@
 
 A `Stream` is an ordered list of training phases plus the probe sets (held-out, disjoint from
 training) that every checkpoint is measured on. Phase 0 trains the base model shared by all
-strategies. Probe sets are in stream order; for ShapeWorld probe d is domain d's test split.
+strategies. Probe sets are in stream order and each records the phases that train on its data
+(for ShapeWorld probe d is domain d's test split, learned at phase d). Zero-shot sets, when the
+stream has any, are classified at every checkpoint as well.
 """
 from __future__ import annotations
 
@@ -42,7 +44,10 @@ class ProbeSet:
     images: Dataset                  # item i -> image tensor [C, H, W]
     captions: Sequence[str]          # every caption, M >= N
     caption_image: torch.Tensor      # [M] int64: image row of each caption
-    ids: torch.Tensor                # [N] int64 sample ids (row i of every trace is the same pair)
+    ids: torch.Tensor                # [N] int64 image ids (real data: image uids); row i of every trace is the same image
+    # The phases that train on the data this probe set measures (its source's phases); it is learned
+    # at the last of them. () = no phase trains on it (docs/definitions.md, "Accuracy matrix").
+    phases: tuple[int, ...] = ()
 
     @property
     def one_caption_per_image(self) -> bool:
@@ -51,11 +56,26 @@ class ProbeSet:
 
 
 @dataclass
+class ZeroShotSet:
+    """Zero-shot classification data (docs/definitions.md, "Zero-shot classification"): each image's
+    class among `classes`, scored by the prompts `templates` filled with each class name."""
+    name: str
+    classes: list[str]               # class names, filled into each template's "{}"
+    templates: list[str]             # several: the class embedding is their normalised mean
+    labels: torch.Tensor             # [N] int64: class of each image
+    images: Dataset | None = None    # item i -> image tensor [C, H, W]; None: the images of `probe`
+    probe: str | None = None         # a probe set with these very images, whose embeddings are reused
+
+
+@dataclass
 class Stream:
     phases: list[Phase]
     probes: list[ProbeSet]
     info: dict = field(default_factory=dict)  # what built it (recorded in run.json)
     skipped: list = field(default_factory=list)  # bad records skipped under on_bad_sample="skip"
+    zeroshot: list[ZeroShotSet] = field(default_factory=list)  # evaluated at every checkpoint
+    reference: Dataset | None = None  # pairs (items as Phase.train's) held out from every phase and
+                                      # probe set: distillation data for a strategy (ZSCL)
 
 
 # name -> builder(data_config: dict, *, image_size: int, preprocess, seed: int) -> Stream

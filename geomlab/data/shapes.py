@@ -4,7 +4,10 @@ Each image shows one object on a textured background; its caption names the obje
 colour, size, grid position and the background. There are five domains (``DOMAINS``), each with its
 own four shapes, four colours, three backgrounds and caption template; size words (small/large) and
 the nine position words are shared. Phase d of the stream trains on domain d's train split, and probe
-d is domain d's probe split (disjoint ids).
+d is domain d's probe split (disjoint ids), learned at phase d. The probe images are also classified
+zero-shot by shape and by colour among their domain's class names (ZEROSHOT_TEMPLATES). The
+stream's reference set (ZSCL's distillation data) is domain 0's reference split: the base domain's
+distribution, ids disjoint from every other split.
 
 Determinism: sample ``(seed, domain, split, index)`` always renders the same pixels and caption,
 whatever other samples are requested and in what order. The attribute combination of sample ``i``
@@ -16,7 +19,7 @@ brightness, texture phase) comes from a counter-based hash of (seed, domain, spl
 Rendering is vectorised numpy: signed-distance functions evaluated on whole batches of coordinate
 grids, with analytic anti-aliasing (coverage = clamp(0.5 - distance_in_pixels)).
 
-Sample id = domain * 10**9 + split * 10**8 + index (split 0 = train, 1 = probe).
+Sample id = domain * 10**9 + split * 10**8 + index (split 0 = train, 1 = probe, 2 = reference).
 
 ``python -m geomlab.data.shapes --preview FILE.html`` writes a grid of samples per domain.
 """
@@ -32,10 +35,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import Phase, ProbeSet, Stream, register_stream
+from . import Phase, ProbeSet, Stream, ZeroShotSet, register_stream
 
-TRAIN, PROBE = 0, 1
-SPLITS = {"train": TRAIN, "probe": PROBE}
+TRAIN, PROBE, REFERENCE = 0, 1, 2
+SPLITS = {"train": TRAIN, "probe": PROBE, "reference": REFERENCE}
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
@@ -43,6 +46,9 @@ _SIZE_FRAC = (0.10, 0.15)       # object radius / image size
 _GRID = (0.2, 0.5, 0.8)         # cell centres as a fraction of the image size
 _JITTER = 0.03                  # position jitter (fraction of the image size)
 VERSION = 1                     # bump when rendering changes (recorded in Stream.info)
+# Zero-shot prompts (docs/definitions.md, "Zero-shot classification"): CLIP's "a photo of a {}."
+# wording, with the class name where the captions put it; one template per task.
+ZEROSHOT_TEMPLATES = {"shape": ("a photo of a {}.",), "colour": ("a photo of a {} shape.",)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +304,8 @@ def _split_id(split) -> int:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         return SPLITS[split]
-    if split not in (0, 1):
-        raise ValueError(f"split must be 0 (train) or 1 (probe), got {split!r}")
+    if split not in SPLITS.values():
+        raise ValueError(f"split must be 0 (train), 1 (probe) or 2 (reference), got {split!r}")
     return int(split)
 
 
@@ -525,8 +531,18 @@ class ShapesImages(Dataset):
 
 
 def _probe_from(ds: ShapesDataset) -> ProbeSet:
+    """Domain d's probe split: it measures the data of phase d, which trains on domain d."""
     return ProbeSet(name=DOMAINS[ds.domain].name, images=ds.images_only(), captions=list(ds.captions),
-                    caption_image=torch.arange(len(ds), dtype=torch.int64), ids=ds.ids.clone())
+                    caption_image=torch.arange(len(ds), dtype=torch.int64), ids=ds.ids.clone(), phases=(ds.domain,))
+
+
+def _zeroshot_from(ds: ShapesDataset) -> list[ZeroShotSet]:
+    """Domain d's probe images classified by shape and by colour among domain d's own four of each
+    ("d0_basic/shape", "d0_basic/colour"), with ZEROSHOT_TEMPLATES; the probe's embeddings are reused."""
+    d = DOMAINS[ds.domain]
+    return [ZeroShotSet(name=f"{d.name}/{task}", classes=list(classes), templates=list(ZEROSHOT_TEMPLATES[task]),
+                        labels=torch.from_numpy(ds.attrs[task].astype(np.int64)), probe=d.name)
+            for task, classes in (("shape", d.shape_names), ("colour", d.colour_names))]
 
 
 def _check_domains(domains) -> int:
@@ -552,23 +568,30 @@ def probe_sets(seed: int = 0, image_size: int = 32, probe_size: int = 200, domai
 @register_stream("shapes")
 def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Stream:
     """[data] keys: probe_size (200); [data.shapes]: domains (5), train_size (4000 per domain),
-    seed (defaults to the run seed). `preprocess` is ignored: images are rendered at `image_size`
+    reference_size (1000 pairs of domain 0's reference split; 0 = no reference set), seed
+    (defaults to the run seed). `preprocess` is ignored: images are rendered at `image_size`
     and normalised with open_clip's OPENAI mean/std, which is what open_clip's preprocess does."""
     opts = dict(data.get("shapes", {}) or {})
-    unknown = set(opts) - {"domains", "train_size", "seed"}
+    unknown = set(opts) - {"domains", "train_size", "reference_size", "seed"}
     if unknown:
-        raise ValueError(f"data.shapes: unknown keys {sorted(unknown)}; valid: domains, train_size, seed")
+        raise ValueError(f"data.shapes: unknown keys {sorted(unknown)}; valid: domains, train_size, "
+                         "reference_size, seed")
     domains = _check_domains(opts.get("domains", 5))
     train_size = _check_size("data.shapes.train_size", opts.get("train_size", 4000))
     probe_size = _check_size("data.probe_size", data.get("probe_size", 200))
     dseed = int(opts.get("seed", seed))
-    phases, probes = [], []
+    phases, probes, zeroshot = [], [], []
     for d in range(domains):
         phases.append(Phase(name=DOMAINS[d].name, train=ShapesDataset(d, TRAIN, train_size, image_size, dseed)))
-        probes.append(_probe_from(ShapesDataset(d, PROBE, probe_size, image_size, dseed)))
+        probe = ShapesDataset(d, PROBE, probe_size, image_size, dseed)
+        probes.append(_probe_from(probe))
+        zeroshot.extend(_zeroshot_from(probe))
+    reference_size = _check_size("data.shapes.reference_size", opts.get("reference_size", 1000), lo=0)
+    reference = ShapesDataset(0, REFERENCE, reference_size, image_size, dseed) if reference_size else None
     info = {"stream": "shapes", "version": VERSION, "domains": [DOMAINS[d].name for d in range(domains)],
-            "train_size": train_size, "probe_size": probe_size, "image_size": int(image_size), "seed": dseed}
-    return Stream(phases=phases, probes=probes, info=info)
+            "train_size": train_size, "probe_size": probe_size, "reference_size": reference_size,
+            "image_size": int(image_size), "seed": dseed}
+    return Stream(phases=phases, probes=probes, info=info, zeroshot=zeroshot, reference=reference)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
     theta = rotation_angles(image_a, image_b)          # degrees, per sample
     p = procrustes(image_a, image_b)                   # rotation, spectrum, rigid_share, residual_angles
 """
-from .forgetting import accuracy_matrix, average_accuracy, bwt, forgetting
+from .forgetting import (accuracy_matrix, average_accuracy, bwt, continual_metrics, forgetting, last_accuracy,
+                         learned_at, transfer)
 from .measures import (ProcrustesResult, eigen_angles, flips, inter_modal_deviation, linear_cka,
                        modality_gap, mutual_knn, procrustes, roc_auc, rotation_angles, spatial_disorder,
                        topology_drift)
@@ -15,5 +16,6 @@ __all__ = [
     "rotation_angles", "topology_drift", "procrustes", "ProcrustesResult", "eigen_angles", "linear_cka",
     "mutual_knn", "modality_gap", "inter_modal_deviation", "flips", "spatial_disorder",
     "retrieval_metrics", "metrics_from_ranks", "accuracy_matrix", "average_accuracy", "forgetting", "bwt",
+    "last_accuracy", "transfer", "learned_at", "continual_metrics",
     "summarize", "roc_auc",
 ]

@@ -3,6 +3,9 @@
 Every function takes plain tensors (rows = samples; row i of `a` and `b` is the same probe sample)
 and normalises its inputs to unit length first, so float16 traces can be passed as they are.
 Angles are in degrees. Nothing N×N is held in memory: topology drift and k-NN work tile by tile.
+Each measure refuses rows holding NaN or inf, and those that normalise their rows refuse zero rows
+(no direction), with a ValueError naming the measure and how many rows are at fault (`check_rows`);
+a value a degenerate input leaves undefined is NaN (None for the AUC), never a stand-in number.
 The definitions, with their conventions and degenerate cases, are in docs/definitions.md.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from geomlab import kernels
 from geomlab.runtime import cpu_workers, map_threads
 
+from .checks import check_rows
 from .stats import quantile_from_hist, summarize
 
 DEG = 180.0 / math.pi
@@ -24,6 +28,14 @@ DEG = 180.0 / math.pi
 def _unit(x, dtype=torch.float64) -> torch.Tensor:
     x = torch.as_tensor(x)
     return F.normalize(x.detach().to("cpu", dtype), dim=-1)
+
+
+def _centred(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(x − its column mean in float64, whether x is constant: all rows equal up to the rounding of
+    the mean, ‖x − x̄‖_F ≤ 10⁻¹⁰ ‖x‖_F; fewer than two rows count as constant)."""
+    x = torch.as_tensor(x).detach().to("cpu", torch.float64)
+    xc = x - x.mean(0, keepdim=True) if x.shape[0] else x
+    return xc, bool(torch.linalg.vector_norm(xc) <= 1e-10 * torch.linalg.vector_norm(x))
 
 
 def _pair_index(caption_image, n_images: int, n_texts: int) -> torch.Tensor:
@@ -43,7 +55,9 @@ def rotation_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Computed as θ_i = 2·atan2(‖a_i − b_i‖, ‖a_i + b_i‖), which equals arccos⟨a_i, b_i⟩ but stays
     accurate for tiny angles (identical rows give exactly 0). Returns a float64 tensor [N].
+    A zero row has no direction, so no angle: ValueError (as for NaN or inf).
     """
+    check_rows("rotation_angles", nonzero=True, a=a, b=b)
     u, v = _unit(a), _unit(b)
     if u.shape != v.shape:
         raise ValueError(f"rotation_angles: shapes differ {tuple(u.shape)} vs {tuple(v.shape)}")
@@ -103,8 +117,10 @@ def topology_drift(a_old: torch.Tensor, a_new: torch.Tensor, *, exact_limit: int
     uniform sample of max(sample_pairs, 10⁷) ordered pairs i ≠ j is used.
     Returns {"mean", "median", "p90", "max", "pairs", "exact", "bin_width"}: mean and max are exact
     over the visited pairs; median and p90 come from a histogram of `bin_width`° bins (bin centres).
-    Computed in float32.
+    Computed in float32. N < 2 has no pair: pairs = 0 and mean, median, p90, max are NaN.
+    Zero rows (no direction) raise ValueError, as NaN or inf do.
     """
+    check_rows("topology_drift", nonzero=True, a_old=a_old, a_new=a_new)
     x, y = _unit(a_old, torch.float32), _unit(a_new, torch.float32)
     if x.shape != y.shape:
         raise ValueError(f"topology_drift: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
@@ -131,8 +147,9 @@ def topology_drift(a_old: torch.Tensor, a_new: torch.Tensor, *, exact_limit: int
                 j = j + (j >= i).long()  # uniform over j ≠ i
                 acc.add(_drift((x[i] * x[j]).sum(1), (y[i] * y[j]).sum(1)))
                 remaining -= m
-    if acc.count == 0:
-        return {"mean": 0.0, "median": 0.0, "p90": 0.0, "max": 0.0, "pairs": 0, "exact": exact,
+    if acc.count == 0:  # no pair: nothing to average
+        nan = float("nan")
+        return {"mean": nan, "median": nan, "p90": nan, "max": nan, "pairs": 0, "exact": exact,
                 "bin_width": bin_width}
     return {"mean": acc.total / acc.count, "median": quantile_from_hist(acc.hist, bin_width, 0.5),
             "p90": quantile_from_hist(acc.hist, bin_width, 0.9), "max": acc.peak, "pairs": int(acc.count),
@@ -146,7 +163,7 @@ def topology_drift(a_old: torch.Tensor, a_new: torch.Tensor, *, exact_limit: int
 class ProcrustesResult(NamedTuple):
     rotation: torch.Tensor         # [d, d] orthogonal R (float64)
     spectrum: torch.Tensor         # [d] eigen-angles of R in degrees, descending
-    rigid_share: float             # 1 − ‖a R − b‖² / ‖a − b‖²
+    rigid_share: float             # 1 − ‖a R − b‖² / ‖a − b‖² (NaN when a = b)
     residual_angles: torch.Tensor  # [N] angle between a_i R and b_i, degrees
 
 
@@ -154,8 +171,10 @@ def eigen_angles(rotation: torch.Tensor) -> torch.Tensor:
     """Eigen-angles of an orthogonal matrix Q in degrees, descending: |arg λ_k| over its d eigenvalues.
 
     Q is normal, so its symmetric part (Q + Qᵀ)/2 has eigenvalues cos θ_k; θ_k = arccos of those
-    (a conjugate pair e^{±iθ} gives θ twice; a reflection gives 180°).
+    (a conjugate pair e^{±iθ} gives θ twice; a reflection gives 180°). NaN or inf entries raise
+    ValueError.
     """
+    check_rows("eigen_angles", rotation=rotation)
     q = torch.as_tensor(rotation).to("cpu", torch.float64)
     cos = torch.linalg.eigvalsh(0.5 * (q + q.T)).clamp(-1.0, 1.0)
     return torch.sort(torch.acos(cos) * DEG, descending=True).values
@@ -184,9 +203,15 @@ def procrustes(a_old: torch.Tensor, a_new: torch.Tensor) -> ProcrustesResult:
     """Orthogonal Procrustes from a_old to a_new: R = argmin_{R ∈ O(d)} ‖A R − B‖_F = U Vᵀ where
     AᵀB = U Σ Vᵀ (A, B row-normalised, float64).
 
-    rigid_share = 1 − ‖A R − B‖²_F / ‖A − B‖²_F (1.0 when A = B: nothing moved), spectrum = the
-    eigen-angles of R (`eigen_angles`), residual_angles = rotation_angles(A R, B).
+    rigid_share = 1 − ‖A R − B‖²_F / ‖A − B‖²_F, clipped to [0, 1]; NaN when nothing moved
+    (‖A − B‖²_F ≤ 10⁻²⁴: there is no displacement to share out). spectrum = the eigen-angles of R
+    (`eigen_angles`), residual_angles = rotation_angles(A R, B).
+    Rank-deficient AᵀB (N < d, a collapsed side, unused directions): R is fixed by the data on the
+    span of the nonzero singular vectors and is the orthogonal map closest to the identity on the
+    rest, so A = B gives R = I (spectrum 0 up to rounding, about 10⁻⁶°). Zero rows (no direction)
+    raise ValueError, as NaN or inf do.
     """
+    check_rows("procrustes", nonzero=True, a_old=a_old, a_new=a_new)
     a, b = _unit(a_old), _unit(a_new)
     if a.shape != b.shape:
         raise ValueError(f"procrustes: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -194,7 +219,7 @@ def procrustes(a_old: torch.Tensor, a_new: torch.Tensor) -> ProcrustesResult:
     aligned = a @ rot
     den = float(((a - b) ** 2).sum())
     num = float(((aligned - b) ** 2).sum())
-    share = 1.0 if den <= 1e-24 else min(1.0, max(0.0, 1.0 - num / den))
+    share = float("nan") if den <= 1e-24 else min(1.0, max(0.0, 1.0 - num / den))
     return ProcrustesResult(rot, eigen_angles(rot), share, rotation_angles(aligned, b))
 
 
@@ -206,14 +231,21 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA in its d×d feature form: with column-centred X, Y,
     CKA = ‖YᵀX‖²_F / (‖XᵀX‖_F · ‖YᵀY‖_F). Inputs are not re-normalised (rows as given), float64.
     Equals HSIC(K, L)/√(HSIC(K, K)·HSIC(L, L)) with K = XXᵀ, L = YYᵀ, without any N×N matrix.
+
+    NaN when either side is constant (all its rows equal up to rounding, ‖X − X̄‖_F ≤ 10⁻¹⁰ ‖X‖_F;
+    fewer than two rows included): its centred kernel is zero and the ratio 0/0 is undefined.
+    NaN or inf rows raise ValueError.
     """
-    xc = torch.as_tensor(x).to("cpu", torch.float64)
-    yc = torch.as_tensor(y).to("cpu", torch.float64)
-    xc = xc - xc.mean(0, keepdim=True)
-    yc = yc - yc.mean(0, keepdim=True)
+    check_rows("linear_cka", x=x, y=y)
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"linear_cka: {x.shape[0]} rows vs {y.shape[0]}: rows must be the same samples")
+    (xc, x_constant), (yc, y_constant) = _centred(x), _centred(y)
+    if x_constant or y_constant:
+        return float("nan")
     num = float(torch.linalg.matrix_norm(yc.T @ xc) ** 2)
     den = float(torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc))
-    return 1.0 if den == 0.0 else num / den
+    return num / den
 
 
 def _knn(x: torch.Tensor, rows: slice, k: int) -> torch.Tensor:
@@ -225,14 +257,25 @@ def _knn(x: torch.Tensor, rows: slice, k: int) -> torch.Tensor:
 
 def mutual_knn(x: torch.Tensor, y: torch.Tensor, k: int = 10, *, tile: int = 1024) -> float:
     """Mutual k-NN overlap: mean over i of |N^x_k(i) ∩ N^y_k(i)| / k, where N_k(i) are the k nearest
-    neighbours of sample i by cosine similarity, i itself excluded. Streamed `tile` rows at a time
-    (memory O(tile·N)); k is capped at N − 1.
+    neighbours of sample i by cosine similarity, i itself excluded (ties broken by `torch.topk`, in
+    no defined order). Streamed `tile` rows at a time (memory O(tile·N)).
+
+    NaN when it says nothing about the data: k ≥ N − 1 (every other sample is then a neighbour and
+    the overlap is 1 whatever the embeddings), or a side whose rows are all equal as the float32
+    unit rows the similarities come from (a collapsed space: every neighbour set is a tie).
+    k < 1, zero rows (no direction), NaN or inf raise ValueError.
     """
+    check_rows("mutual_knn", nonzero=True, x=x, y=y)
+    if k < 1:
+        raise ValueError(f"mutual_knn: k must be at least 1, got {k}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"mutual_knn: {x.shape[0]} rows vs {y.shape[0]}: rows must be the same samples")
+    n = x.shape[0]
+    if k >= n - 1:
+        return float("nan")
     a, b = _unit(x, torch.float32), _unit(y, torch.float32)
-    n = a.shape[0]
-    k = min(k, n - 1)
-    if k <= 0:
-        return 1.0
+    if bool((a == a[:1]).all()) or bool((b == b[:1]).all()):  # equal rows: equal (tied) similarities
+        return float("nan")
     total = 0.0
     with torch.no_grad():
         for i0 in range(0, n, tile):
@@ -247,7 +290,9 @@ def mutual_knn(x: torch.Tensor, y: torch.Tensor, k: int = 10, *, tile: int = 102
 
 
 def modality_gap(image: torch.Tensor, text: torch.Tensor) -> float:
-    """Modality gap ‖mean_i I_i − mean_j T_j‖ (unit rows; every caption counts in the text mean)."""
+    """Modality gap ‖mean_i I_i − mean_j T_j‖ (unit rows; every caption counts in the text mean).
+    NaN when a side has no rows (no mean); zero rows (no direction), NaN or inf raise ValueError."""
+    check_rows("modality_gap", nonzero=True, image=image, text=text)
     return float((_unit(image).mean(0) - _unit(text).mean(0)).norm())
 
 
@@ -268,8 +313,12 @@ def inter_modal_deviation(image_a: torch.Tensor, text_a: torch.Tensor, image_b: 
     - desynchronisation: eigen-angles of R_Iᵀ R_T (`procrustes` rotations a → b per modality), with
       their mean and max;
     - modality gap ‖mean(I) − mean(T)‖ at a and at b.
-    `rotations` = (R_I, R_T) if already computed.
+    `rotations` = (R_I, R_T) if already computed. Identical checkpoints give δ = Δφ = 0 and, as
+    R_I = R_T = I there (`procrustes`), desync angles of about 10⁻⁶° (rounding). Zero rows (no
+    direction), NaN or inf raise ValueError.
     """
+    check_rows("inter_modal_deviation", nonzero=True, image_a=image_a, text_a=text_a, image_b=image_b,
+               text_b=text_b)
     pair_image = _pair_index(caption_image, image_a.shape[0], text_a.shape[0])
     theta_i = rotation_angles(image_a, image_b)
     theta_t = rotation_angles(text_a, text_b)
@@ -292,12 +341,13 @@ def inter_modal_deviation(image_a: torch.Tensor, text_a: torch.Tensor, image_b: 
 
 def roc_auc(labels: torch.Tensor, scores: torch.Tensor) -> float | None:
     """ROC AUC of `scores` for binary `labels`: scikit-learn's roc_auc_score (a tie between a
-    positive and a negative counts one half). None when only one class is present, where the AUC
-    is undefined (scikit-learn raises)."""
+    positive and a negative counts one half). None when only one class is present (or nothing at
+    all), where the AUC is undefined (scikit-learn raises). NaN or inf scores raise ValueError."""
     # Imported here: scikit-learn takes seconds to import and only the analysis needs it, while
     # every training process imports geomlab.geometry.
     from sklearn.metrics import roc_auc_score
 
+    check_rows("roc_auc", scores=scores)
     y = torch.as_tensor(labels).cpu().numpy().astype(bool).ravel()
     if y.all() or not y.any():
         return None
@@ -313,8 +363,11 @@ def flips(image_a: torch.Tensor, text_a: torch.Tensor, image_b: torch.Tensor, te
     forgotten = |correct_a ∧ ¬correct_b| / |correct_a|, learned = |¬correct_a ∧ correct_b| / |¬correct_a|;
     auc_alignment_drift / auc_mismatch = ROC AUC (`roc_auc`) with which Δφ / δ predict "forgotten"
     among queries correct at a (an image query scores the mean over its captions); None when
-    that set holds only one class. Masks `forgotten_mask` / `learned_mask` are returned too.
+    that set holds only one class. forgotten is NaN when no query is correct at a, learned when
+    every query is (0/0). Masks `forgotten_mask` / `learned_mask` are returned too.
+    Zero rows (no direction), NaN or inf raise ValueError.
     """
+    check_rows("flips", nonzero=True, image_a=image_a, text_a=text_a, image_b=image_b, text_b=text_b)
     pair_image = _pair_index(caption_image, image_a.shape[0], text_a.shape[0])
     ci = None if caption_image is None else pair_image
     # ranks on the embeddings as given (as `retrieval_metrics` computes them)
@@ -338,13 +391,17 @@ def flips(image_a: torch.Tensor, text_a: torch.Tensor, image_b: torch.Tensor, te
         out[direction] = {
             "queries": int(ca.numel()), "correct_a": int(ca.sum()), "correct_b": int(cb.sum()),
             "n_forgotten": int(forgotten.sum()), "n_learned": int(learned.sum()),
-            "forgotten": float(forgotten.sum()) / max(int(ca.sum()), 1),
-            "learned": float(learned.sum()) / max(int((~ca).sum()), 1),
+            "forgotten": _share(forgotten.sum(), ca.sum()), "learned": _share(learned.sum(), (~ca).sum()),
             "auc_alignment_drift": roc_auc(forgotten[ca], drift_score[ca]),
             "auc_mismatch": roc_auc(forgotten[ca], mismatch_score[ca]),
             "forgotten_mask": forgotten, "learned_mask": learned,
         }
     return out
+
+
+def _share(part, whole) -> float:
+    """part / whole, NaN for 0/0 (a share of nothing)."""
+    return float(part) / int(whole) if int(whole) else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,10 +423,12 @@ def spatial_disorder(a, b, *, caption_image: torch.Tensor | None = None, k: int 
     `a`, `b`: `DomainEmbeddings` (or (image, text[, caption_image]) tuples) of the same probe set.
     Keys: rotation, topology_drift, procrustes, cka, mutual_knn (each {"image", "text"}),
     deviation and flips; per-sample values appear as `summarize` summaries (mean, quantiles,
-    histogram). The schema is documented in docs/analysis_schema.md.
+    histogram). The schema is documented in docs/analysis_schema.md. Undefined values (see each
+    measure) are NaN; zero rows (no direction), NaN or inf raise ValueError.
     """
     image_a, text_a, ci = _parts(a, caption_image)
     image_b, text_b, ci_b = _parts(b, caption_image)
+    check_rows("spatial_disorder", nonzero=True, image_a=image_a, text_a=text_a, image_b=image_b, text_b=text_b)
     ci = ci if ci is not None else ci_b
     out = {"n_images": int(image_a.shape[0]), "n_texts": int(text_a.shape[0])}
     rot, drift, proc, cka, knn = {}, {}, {}, {}, {}

@@ -1,15 +1,10 @@
 """JSON-ready summaries of per-sample values (quantiles and histograms)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-
-def _clean(v: float) -> float | None:
-    v = float(v)
-    return None if math.isnan(v) or math.isinf(v) else v
+from .checks import check_rows
 
 
 def summarize(values, *, hist: bool = False, bins: int = 90, lo: float = 0.0, hi: float = 180.0,
@@ -17,8 +12,10 @@ def summarize(values, *, hist: bool = False, bins: int = 90, lo: float = 0.0, hi
     """mean, std, min, p10, p25, median, p75, p90, max (and with `hist`, a fixed-range histogram) of `values`.
 
     The histogram has `bins` equal bins over [lo, hi] (over [-hi, hi] when `signed`); values outside
-    are clipped into the first/last bin.
+    are clipped into the first/last bin. An empty set gives n = 0, every statistic None and an
+    all-zero histogram; NaN or inf values raise ValueError.
     """
+    check_rows("summarize", values=values)
     x = values.detach().double().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
     x = x.ravel()
     if signed:
@@ -30,9 +27,9 @@ def summarize(values, *, hist: bool = False, bins: int = 90, lo: float = 0.0, hi
             out["hist"] = {"lo": lo, "hi": hi, "counts": [0] * bins}
         return out
     q = np.quantile(x, [0.1, 0.25, 0.5, 0.75, 0.9])
-    out.update({"mean": _clean(x.mean()), "std": _clean(x.std()), "min": _clean(x.min()),
-                "p10": _clean(q[0]), "p25": _clean(q[1]), "median": _clean(q[2]), "p75": _clean(q[3]),
-                "p90": _clean(q[4]), "max": _clean(x.max())})
+    out.update({"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+                "p10": float(q[0]), "p25": float(q[1]), "median": float(q[2]), "p75": float(q[3]),
+                "p90": float(q[4]), "max": float(x.max())})
     if not hist:
         return out
     counts, _ = np.histogram(np.clip(x, lo, hi), bins=bins, range=(lo, hi))

@@ -10,9 +10,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from geomlab.config import dumps, resolve
 from geomlab.io import atomic_write_json
-from geomlab.rundir import RunDir
+from geomlab.rundir import RunDir, checkpoint_stem
 from geomlab.traces import DomainEmbeddings, Trace, write_trace
+
+from .retrieval import retrieval_metrics
 
 
 def small_rotation(d: int, angle: float, gen: torch.Generator) -> torch.Tensor:
@@ -28,8 +31,10 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
     """Write runs/NAME-like `root`: run.json and traces for base (phase 0) and each strategy.
 
     A strategy has `checkpoints` checkpoints in all, counting the shared base phase-0 end one:
-    phases 1..domains-1, spread evenly. With `captions_per_image` > 1 the traces carry
-    `caption_image`. Returns `root`.
+    phases 1..domains-1, spread evenly; probe set k is learned at phase k. With `captions_per_image`
+    > 1 the traces carry `caption_image`. Each checkpoint also gets its metrics.jsonl "eval" row:
+    retrieval from its trace and, standing in for a zero-shot set "domainK/i2t" per probe set,
+    that probe set's image→text R@1. Returns `root`.
     """
     run = RunDir(root)
     gen = torch.Generator().manual_seed(seed)
@@ -47,7 +52,16 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
                                                  None if caption_image is None else caption_image.clone())
                               for k, v in state.items()}, phase=phase, step=step, model="geomlab-tiny")
 
-    write_trace(run.trace_path("base", 0, 100), trace(base, 0, 100))
+    def save(strategy_dir, state, phase, step, phase_end):
+        t = trace(state, phase, step)
+        write_trace(run.trace_path(strategy_dir, phase, step), t)
+        retrieval = {k: retrieval_metrics(e.image, e.text, e.caption_image) for k, e in t.domains.items()}
+        run.append_metrics(strategy_dir, {
+            "kind": "eval", "phase": phase, "step": step, "checkpoint": checkpoint_stem(phase, step),
+            "phase_end": phase_end, "retrieval": retrieval,
+            "zeroshot": {f"{k}/i2t": m["image_to_text_R@1"] for k, m in retrieval.items()}})
+
+    save("base", base, 0, 100, True)
     phases = max(domains - 1, 1)
     per_phase = [(checkpoints - 1) // phases + (1 if p < (checkpoints - 1) % phases else 0) for p in range(phases)]
     completed = {"base": [0]}
@@ -65,9 +79,24 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
                     txt = F.normalize(txt @ rt + noise * torch.randn(txt.shape, generator=gen, dtype=torch.float64), dim=1)
                     new[k] = (img, txt, ids)
                 state = new
-                write_trace(run.trace_path(strategy, p, 50 * c), trace(state, p, 50 * c))
+                save(strategy, state, p, 50 * c, c == count)
         completed[strategy] = list(range(1, phases + 1))
     info = {"strategies": list(strategies), "phases": names, "probes": names, "completed": completed, "seed": seed,
-            "device": "cpu", "model": "geomlab-tiny", "versions": {}}
+            "device": "cpu", "model": "geomlab-tiny", "versions": {},
+            "probe_phases": {name: [k] for k, name in enumerate(names)}}
     atomic_write_json(run.run_json_path, info)
+    return run.root
+
+
+def synthetic_study(root, seeds, *, strategies=("finetune", "modx", "joint"), **kw) -> Path:
+    """Write a multi-seed run at `root` as `python -m geomlab.train --seeds` lays it out: config.toml
+    and run.json listing the seeds, and one `synthetic_run` per seed (`kw` passed on) with its own
+    config.toml (run.seed = s). Returns `root`."""
+    run = RunDir(root)
+    config = resolve({"run": {"seeds": list(seeds), "strategies": list(strategies)}})
+    run.create(dumps(config))
+    run.write_seeds_json(config, "synthetic")
+    for s in seeds:
+        synthetic_run(run.seed_run(s).root, strategies=strategies, seed=s, **kw)
+        run.seed_run(s).create(dumps(resolve({"run": {"seed": s, "strategies": list(strategies)}})))
     return run.root

@@ -1,18 +1,26 @@
 """Continual strategies: one short module each.
 
 A strategy is built once per phase, from what that phase needs (`PhaseContext`) and its own config
-section as keyword arguments, and answers two questions: which data does this phase train on
-(`train_data`), and what is the loss of a batch (`loss`). Nothing is shared between phases except
-the model weights the trainer carries.
+section as keyword arguments, and answers which data the phase trains on, how each step's batch is
+composed, and what the loss of a batch is; named hooks at fixed points of the phase (start, after
+each step, end) let it keep and apply what it carries (base.py lists them, in the order the
+trainer calls them). Between phases only the model weights and the strategy's own saved state in
+the run directory carry over.
 """
 from __future__ import annotations
 
 from .base import Features, PhaseContext, Strategy
+from .der import DER
+from .er import ER
+from .ewc import EWC
 from .finetune import Finetune
 from .joint import Joint
+from .lwf import LwF
 from .modx import ModX
+from .wise import WiSE
+from .zscl import ZSCL
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Finetune, ModX, Joint)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Finetune, ModX, Joint, LwF, EWC, ER, DER, WiSE, ZSCL)}
 
 
 def get_strategy(name: str) -> type[Strategy]:

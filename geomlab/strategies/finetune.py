@@ -7,6 +7,6 @@ from .base import Strategy
 class Finetune(Strategy):
     name = "finetune"
 
-    def loss(self, images, tokens, feats):
+    def loss(self, images, tokens, feats, step):
         clip = kernels.clip_loss(feats.image, feats.text, feats.logit_scale, **feats.columns())
         return clip, {"clip": clip}

@@ -19,7 +19,7 @@ class ModX(Strategy):
         self.alpha, self.temperature = alpha, temperature
         self.reduction, self.off_diagonal_only = reduction, off_diagonal_only
 
-    def loss(self, images, tokens, feats):
+    def loss(self, images, tokens, feats, step):
         with torch.no_grad():
             image_old, text_old = self.context.encode(self.old_model, images, tokens)
         columns = feats.columns()
