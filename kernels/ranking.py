@@ -9,8 +9,8 @@ Two backends, each with the same memory property (no N×N matrix, only tiles):
 
 Conventions shared by every backend (and by ``reference`` up to ties):
 
-* Inputs are fp32/bf16/fp16 features; every score is accumulated in fp32 (fp32 products are exact
-  IEEE fp32 on the GPU: ``input_precision="ieee"``, never TF32).
+* Inputs are fp32/bf16/fp16 features; every score is accumulated in fp32 (fp32 tiles on the GPU use
+  ``input_precision="tf32x3"``: tensor cores with an error close to IEEE fp32).
 * ``topk`` returns the k best gallery items per query ordered by (score descending, index
   ascending): among equal scores the smaller gallery index wins. ``reference.topk`` (dense
   ``torch.topk``) has the same values but may order tied indices differently.
