@@ -116,17 +116,17 @@ SCHEMA: dict = {
         "temperature": 2.0,          # T, distillation temperature on logit-scaled similarities (> 0)
     },
     "ewc": {
-        "weight": 1000.0,            # λ of the penalty (λ/2)·Σ F·(θ − θ*)² (≥ 0)
+        "weight": 1e5,               # λ of the penalty (λ/2)·Σ F·(θ − θ*)² (≥ 0)
         "fisher_batches": 20,        # batches of a phase's data its diagonal Fisher is averaged over
     },
     "er": {
         "buffer_size": 500,          # samples the reservoir keeps over every phase seen
-        "replay_fraction": 0.25,     # share of each batch drawn from the buffer, in [0, 1)
+        "replay_fraction": 0.5,      # share of each batch drawn from the buffer, in [0, 1)
     },
     "der": {
         "buffer_size": 500,
         "replay_fraction": 0.25,
-        "alpha": 1.0,                # weight of the embedding MSE on replayed samples (≥ 0)
+        "alpha": 5.0,                # weight of the embedding MSE on replayed samples (≥ 0)
         "beta": 0.0,                 # weight of the CLIP loss on replayed samples (DER++; 0 = DER)
     },
     "wise": {

@@ -36,9 +36,10 @@ class DER(Replay):
         was_training = model.training
         model.eval()
         image, text = [], []
-        step = self.context.batch_size
-        for lo in range(0, len(samples), step):
-            i, t = self.context.encode(model, *self.context.load_batch(samples, range(lo, min(lo + step, len(samples)))))
+        size = self.context.batch_size
+        for lo in range(0, len(samples), size):
+            rows = list(range(lo, min(lo + size, len(samples))))
+            i, t = self.context.encode(model, *self.context.load_batch(samples, rows))
             image.append(i.float().cpu())
             text.append(t.float().cpu())
         model.train(was_training)

@@ -8,6 +8,7 @@ F = ((P − 1)·F_before + F_{P−1}) / P. F and θ* are saved in strategy_state
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from geomlab import kernels
 
@@ -55,13 +56,26 @@ class EWC(Strategy):
             for n, f in new.items():
                 state[f"fisher.{n}"] = f if before is None else ((phase - 1) * before[f"fisher.{n}"].to(f) + f) / phase
             self.context.save_state(phase, state)
-        # (parameter, F, θ*): the live parameters, whose values the optimizer changes in place
-        self.anchors = [(p, state[f"fisher.{n}"].to(p).detach(), state[f"anchor.{n}"].to(p).detach().clone())
-                        for n, p in model.named_parameters() if p.requires_grad]
+        # (parameter, rows, F, θ*) of the live parameters, whose values the optimizer changes in
+        # place. An entry with F = 0 adds nothing to the penalty or its gradient, so a matrix's rows
+        # that are all zero are left out when they are most of it: e.g. the token embedding's rows of
+        # tokens no phase has used (the step would otherwise pay for all 49,408 of them).
+        self.anchors = []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                fisher, anchor, rows = state[f"fisher.{n}"].to(p), state[f"anchor.{n}"].to(p), None
+                used = fisher.any(1) if p.ndim == 2 else None
+                if used is not None and 2 * int(used.sum()) < len(used):
+                    rows = used.nonzero().squeeze(1)
+                    fisher, anchor = fisher[rows], anchor[rows]
+                self.anchors.append((p, rows, fisher, anchor.clone()))
         return super().start_phase(model)
 
     def penalty(self) -> torch.Tensor:
-        return 0.5 * self.weight * sum((f * (p - anchor).square()).sum() for p, f, anchor in self.anchors)
+        # kept rows through a sparse embedding lookup: their gradient is sparse, with no dense zeros
+        return 0.5 * self.weight * sum(
+            (f * ((p if rows is None else F.embedding(rows, p, sparse=True)) - anchor).square()).sum()
+            for p, rows, f, anchor in self.anchors)
 
     def loss(self, images, tokens, feats, step):
         clip = kernels.clip_loss(feats.image, feats.text, feats.logit_scale, **feats.columns())

@@ -2,17 +2,22 @@
 distribution on a batch of reference pairs (held out from every phase and probe set) to the
 current model's, every row kept, temperature T on logit-scaled similarities (as LwF); and the
 weight ensemble: the running average of the phase-start weights, the weights every `avg_freq`
-steps and the last ones becomes the phase's result (docs/definitions.md, "ZSCL loss")."""
+steps and the last ones becomes the phase's result (docs/definitions.md, "ZSCL loss").
+
+The reference pairs ride in the step's batch, after the phase's own rows: the current model embeds
+both in one forward pass (a separate pass for a few rows costs a third of a step), the CLIP loss
+is the phase rows' own, and the distillation the reference rows'."""
 from __future__ import annotations
 
 import torch
+from torch.utils.data import ConcatDataset
 
 from geomlab import kernels
 
 from .base import PhaseContext, Strategy
 from .lwf import distillation
 
-REFERENCE_ORDER = 1  # context.order stream of the reference batches
+REFERENCE_ORDER = 1  # context.order stream of the reference rows
 
 
 class ZSCL(Strategy):
@@ -36,32 +41,40 @@ class ZSCL(Strategy):
                              "[[data.sources]] table with role = \"reference\"")
 
     def start_phase(self, model):
-        self.model = model  # the reference batches go through the current model too
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
         self.averaged = 1  # weights in the average: the phase-start ones
         self.holds_current = True  # the average includes the model's weights as they are now
-        return super().start_phase(model)
+        return ConcatDataset([self.context.data, self.reference])
 
-    def reference_rows(self, step: int) -> list[int]:
-        """This rank's rows of step's reference batch."""
+    def step_indices(self, step):
+        """The phase's own batch, then `reference_batch_size` reference pairs in an order of their own."""
+        n = len(self.context.data)
         rows = self.context.order(len(self.reference), self.reference_batch_size, step, REFERENCE_ORDER)
-        per = self.reference_batch_size // self.context.world
-        return rows[self.context.rank * per: (self.context.rank + 1) * per]
+        return super().step_indices(step) + [n + r for r in rows]
 
     def loss(self, images, tokens, feats, step):
-        clip = kernels.clip_loss(feats.image, feats.text, feats.logit_scale, **feats.columns())
-        ref_images, ref_tokens = self.context.load_batch(self.reference, self.reference_rows(step))
-        image, text = self.context.encode(self.model, ref_images, ref_tokens)
-        with torch.no_grad():
-            image_base, text_base = self.context.encode(self.base_model, ref_images, ref_tokens)
-        columns = {}
-        if self.context.world > 1:
-            gather = self.context.gather
-            columns = dict(image_all=gather(image), text_all=gather(text), image_old_all=gather(image_base),
-                           text_old_all=gather(text_base), row_offset=self.context.rank * image.shape[0])
-        kl = kernels.modx_kl(image, text, image_base, text_base, **distillation(self.temperature, feats.logit_scale),
-                             **columns)
+        B = self.context.batch_size
+        new, ref = feats.rows(0, B), feats.rows(B, B + self.reference_batch_size)
+        zero = feats.image.new_zeros((), dtype=torch.float32)
+        clip = zero if new is None else kernels.clip_loss(new.image, new.text, new.logit_scale, **new.columns())
+        base_image, base_text, columns = self.teacher(images, tokens, feats)
+        kl = zero if ref is None else kernels.modx_kl(
+            ref.image, ref.text, base_image, base_text, **distillation(self.temperature, feats.logit_scale),
+            **ref.columns(), **columns)
         return clip + self.weight * kl, {"clip": clip, "distill": kl}
+
+    @torch.no_grad()
+    def teacher(self, images, tokens, feats):
+        """The base model's features of this rank's reference rows, and under torchrun the
+        gathered reference columns (the teacher then embeds all of the rank's rows, so that every
+        rank gathers as many, whatever its share of reference rows)."""
+        B, R = self.context.batch_size, self.reference_batch_size
+        if self.context.world == 1:
+            return *self.context.encode(self.base_model, images[B:], tokens[B:]), {}
+        image, text = self.context.encode(self.base_model, images, tokens)
+        image_all, text_all = self.context.gather(image), self.context.gather(text)
+        local = slice(max(B - feats.row_offset, 0), None)  # the reference rows are the batch's last
+        return image[local], text[local], {"image_old_all": image_all[B:B + R], "text_old_all": text_all[B:B + R]}
 
     @torch.no_grad()
     def fold(self, model):
