@@ -10,7 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, Iterable, TypeVar
 
-import torch
+# torch's OpenMP (libgomp) lets a waiting thread spin 300,000 times before it sleeps. With another
+# busy process on a 2-core machine those spins steal the cores the work needs: a finetune step
+# (`python -m geomlab.bench train`) went from 40 ms idle to 150-2,840 ms. 10,000 spins keep the
+# idle speed and hold 95 ms under that load; OMP_WAIT_POLICY=PASSIVE held 66-116 ms but cost 55%
+# idle. libgomp reads this once, when torch loads it, so geomlab imports this module before torch;
+# a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+OPENMP_SPIN_COUNT = "10000"
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+import torch  # noqa: E402  (after the OpenMP setting above)
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -250,3 +250,31 @@ def test_second_trainer_is_refused_and_the_analyser_reads_a_run_in_progress(tmp_
     RunDir(out).lock().release()
     rows = read_jsonl(out / "finetune" / "metrics.jsonl")
     assert len({(r["kind"], r["step"]) for r in rows}) == len(rows)  # one writer: no line twice
+
+
+# Records OpenMP's settings at the moment torch is first imported (libgomp reads them only then).
+SPIN_PROBE = textwrap.dedent("""
+    import os, sys
+    seen = {}
+    class FirstTorchImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" and not seen:
+                seen["spin"] = os.environ.get("GOMP_SPINCOUNT")
+            return None
+    sys.meta_path.insert(0, FirstTorchImport())
+    import geomlab.train
+    print(seen["spin"])
+""")
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, "10000"),                                   # the default: short spins, set before torch loads
+    ({"GOMP_SPINCOUNT": "500"}, "500"),              # a user's spin count wins
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "None"),        # so does a user's wait policy (not overridden)
+])
+def test_openmp_spin_count_is_set_before_torch_loads_and_a_users_setting_wins(env, expected):
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", SPIN_PROBE], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**base, **env})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
