@@ -38,7 +38,7 @@ from geomlab.rundir import ANALYSIS, Source, discover, discover_seeds, is_multi_
 from geomlab.runtime import DEVICES, cpu_workers, map_threads, resolve_device, single_threaded
 from geomlab.study import aggregate, summary
 
-SCHEMA_VERSION = "geomlab.analysis/1"
+SCHEMA_VERSION = "geomlab.analysis/2"
 
 
 class AnalyzeError(ValueError):
@@ -140,7 +140,7 @@ def _jsonable(x):
 def _check_same_probe(tr_a, tr_b, domain, label_a, label_b):
     ea, eb = tr_a.domains[domain], tr_b.domains[domain]
     if ea.image.shape != eb.image.shape or ea.text.shape != eb.text.shape or not torch.equal(ea.ids, eb.ids):
-        raise AnalyzeError(f"{label_a} and {label_b}: probe {domain!r} differs (sample ids or sizes); "
+        raise AnalyzeError(f"{label_a} and {label_b}: probe {domain!r} differs (image ids or sizes); "
                            "traces must embed the same probe set")
 
 

@@ -2,7 +2,7 @@
 (docs/definitions.md, "Traces"). Where a run keeps its traces is geomlab.rundir's business.
 
 Tensors: `<domain>.image` [N, d] and `<domain>.text` [M, d] (L2-normalised, float16),
-`<domain>.ids` [N] int64 sample ids, and, with several captions per image,
+`<domain>.ids` [N] int64 image ids (the same image, the same id, in every trace of a run), and, with several captions per image,
 `<domain>.caption_image` [M] int64 (image row of each caption).
 Metadata: {"domains": JSON list in stream order, "phase": P, "step": S, "model": name}.
 """

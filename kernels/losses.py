@@ -187,18 +187,10 @@ class RowLosses:
         fused(image, text, image_old, text_old, scale, options, want_ce)
             → (Σ ce_i2t, Σ ce_t2i, Σ kl_i2t, Σ kl_t2i, kept_i2t, kept_t2i)
 
-    (`options` None: no KL term; `scale` is a tensor). `selections`: the KL row selections the
-    backend implements; any other is refused."""
+    (`options` None: no KL term; `scale` is a tensor)."""
 
     direction: Callable
     fused: Callable | None = None
-    selections: tuple[str, ...] = ("correct",)
-
-    def _check(self, options: ModxOptions) -> None:
-        if options.selection not in self.selections:
-            raise ValueError(f"selection={options.selection!r} is not implemented by the "
-                             f"{self.direction.__module__} backend (it has {', '.join(self.selections)}); "
-                             "use backend='torch'")
 
     def clip_loss(self, image, text, logit_scale, *, image_all=None, text_all=None, row_offset=0):
         clip, *_ = loss_parts(self.direction, self.fused, image, text, None, None, logit_scale,
@@ -208,7 +200,6 @@ class RowLosses:
 
     def modx_kl_parts(self, image, text, image_old, text_old, options: ModxOptions, **data_parallel):
         """(kl_i2t, kl_t2i, kept_i2t, kept_t2i)."""
-        self._check(options)
         _, *parts = loss_parts(self.direction, self.fused, image, text, image_old, text_old, None,
                                want_ce=False, options=options, **data_parallel)
         return tuple(parts)
@@ -216,6 +207,5 @@ class RowLosses:
     def modx_loss_parts(self, image, text, image_old, text_old, logit_scale, options: ModxOptions,
                         **data_parallel):
         """(clip, kl_i2t, kl_t2i, kept_i2t, kept_t2i), CE and KL from the same tiles."""
-        self._check(options)
         return loss_parts(self.direction, self.fused, image, text, image_old, text_old, logit_scale,
                           want_ce=True, options=options, **data_parallel)

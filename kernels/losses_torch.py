@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .losses import SELECTIONS, ModxOptions, RowLosses, accumulation_dtype, kl_switches, tile_rows
+from .losses import ModxOptions, RowLosses, accumulation_dtype, kl_switches, tile_rows
 
 
 def _scalar(x) -> float:
@@ -231,8 +231,7 @@ class _FusedTorch(torch.autograd.Function):
             if want_ce:
                 diag_sum += S[ridx, dcol].sum()
                 L = torch.mul(S, s, out=C[:n])
-                _col_update(L, cm_ce, cz_ce, D[:n])
-                torch.mul(S, s, out=L)
+                _col_update(L, cm_ce, cz_ce, D[:n])  # reads L, writes D: L is still s·S
                 m = L.amax(1, keepdim=True)
                 lse_ce_r[r0:r1] = m.squeeze(1) + L.sub_(m).exp_().sum(1).log_()
             if want_kl:
@@ -361,4 +360,4 @@ def direction(x, y, xo, yo, scale, row_offset, options: ModxOptions | None, want
                                keep_all)
 
 
-LOSSES = RowLosses(direction, fused, selections=SELECTIONS)
+LOSSES = RowLosses(direction, fused)

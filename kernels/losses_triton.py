@@ -8,7 +8,7 @@ never a B×B buffer:
 
   ce_i  = LSE_j(s·S_ij) − s·S_ii
   kl_i  = mask_i · (Σ_j P'_ij (x'_ij − x_ij) + LSE(x_i) − LSE(x'_i)),  x = S/τ, x' = S'/τ
-  mask_i = [first argmax_j S'_ij == i]
+  mask_i = [first argmax_j S'_ij == i]   (selection "correct"; "all": mask_i = 1, no argmax taken)
 
 with the cross term Σ_j P'_ij (x'_ij − x_ij) accumulated online (rescaled with the running max of
 x'). `off_diagonal_only` drops j = i from both softmaxes.
@@ -88,7 +88,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_K"] <= 16) == fp32] or configs[:1]
 
 
-_FWD_KEY = ["b_class", "B_class", "D", "HAS_CE", "HAS_KL", "OFF_DIAG", "BOTH"]
+_FWD_KEY = ["b_class", "B_class", "D", "HAS_CE", "HAS_KL", "OFF_DIAG", "ARGMAX", "BOTH"]
 _BWD_KEY = ["own_class", "other_class", "D", "HAS_CE", "HAS_KL", "OFF_DIAG", "OWN_STATS", "OTHER_STATS",
             "SCALE_GRAD", "BLOCK_D"]
 
@@ -131,10 +131,11 @@ def _load_stat(ptr, offset, mask, identity):
 @triton.jit
 def _loss_fwd(X, Y, XO, YO, SCALE, ROWP, ROWI, COLP, COLI, b, B, D, stride_x, stride_y, stride_xo, stride_yo,
               row_offset, inv_tau, rows_per_split, cols_per_split, n_row_splits, n_col_splits, b_class, B_class,
-              HAS_CE: tl.constexpr, HAS_KL: tl.constexpr, OFF_DIAG: tl.constexpr, BOTH: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              HAS_CE: tl.constexpr, HAS_KL: tl.constexpr, OFF_DIAG: tl.constexpr, ARGMAX: tl.constexpr,
+              BOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row split, column split): ROWP/ROWI[:, column split, its rows] and, with BOTH,
-    COLP/COLI[:, row split, its columns] (statistics in the order M_CE .. DIAG)."""
+    COLP/COLI[:, row split, its columns] (statistics in the order M_CE .. DIAG). ARGMAX: the old
+    scores' running first argmax, for the Mod-X mask (selection "correct")."""
     pid = tl.program_id(0)
     r_split = pid // n_col_splits
     c_split = pid % n_col_splits
@@ -179,13 +180,15 @@ def _loss_fwd(X, Y, XO, YO, SCALE, ROWP, ROWI, COLP, COLI, b, B, D, stride_x, st
             if HAS_KL:
                 acco = dot_tile(XO, YO, rows, cols, rmask, cmask, D, stride_xo, stride_yo, BLOCK_M, BLOCK_N,
                                 BLOCK_K)
-                sov = tl.where(valid & (acco == acco), acco, float("-inf"))
-                am_v, am_i = _argmax_update(am_v, am_i, sov, cols[None, :], 1)
-                if BOTH:
-                    c_v, c_i = _argmax_update(_load_stat(cp, AM_V * col_stat, ld, float("-inf")),
-                                              _load_stat(COLI + r_split * B + cols, 0, ld, 0), sov, rows[:, None], 0)
-                    tl.store(cp + AM_V * col_stat, c_v, mask=cmask)
-                    tl.store(COLI + r_split * B + cols, c_i, mask=cmask)
+                if ARGMAX:
+                    sov = tl.where(valid & (acco == acco), acco, float("-inf"))
+                    am_v, am_i = _argmax_update(am_v, am_i, sov, cols[None, :], 1)
+                    if BOTH:
+                        c_v, c_i = _argmax_update(_load_stat(cp, AM_V * col_stat, ld, float("-inf")),
+                                                  _load_stat(COLI + r_split * B + cols, 0, ld, 0), sov,
+                                                  rows[:, None], 0)
+                        tl.store(cp + AM_V * col_stat, c_v, mask=cmask)
+                        tl.store(COLI + r_split * B + cols, c_i, mask=cmask)
                 keep = valid
                 if OFF_DIAG:
                     keep = keep & (cols[None, :] != diag[:, None])
@@ -219,8 +222,9 @@ def _loss_fwd(X, Y, XO, YO, SCALE, ROWP, ROWI, COLP, COLI, b, B, D, stride_x, st
             tl.store(rp + M_OLD * row_stat, mo, mask=rmask)
             tl.store(rp + Z_OLD * row_stat, zo, mask=rmask)
             tl.store(rp + CROSS * row_stat, cr, mask=rmask)
-            tl.store(rp + AM_V * row_stat, am_v, mask=rmask)
-            tl.store(ROWI + c_split * b + rows, am_i, mask=rmask)
+            if ARGMAX:
+                tl.store(rp + AM_V * row_stat, am_v, mask=rmask)
+                tl.store(ROWI + c_split * b + rows, am_i, mask=rmask)
 
 
 @triton.jit
@@ -347,9 +351,10 @@ def _lse_merge(m, z):
     return top, (z * torch.exp(m - top)).sum(0)
 
 
-def _merge_side(p, pi, dg, s, row_offset, want_ce, want_kl):
+def _merge_side(p, pi, dg, s, row_offset, want_ce, want_kl, keep_all):
     """A side's per-item results from its split partials p [N_STATS, splits, n] and pi [splits, n]:
-    (ce, kl, kept, backward statistics [4, n]); the KL weight row is filled in by backward."""
+    (ce, kl, kept, backward statistics [4, n]); the KL weight row is filled in by backward.
+    keep_all: every item kept (selection "all"; the kernel took no argmax)."""
     n = p.shape[2]
     stats = torch.zeros(4, n, device=p.device, dtype=torch.float32)
     ce = kl = kept = None
@@ -361,16 +366,19 @@ def _merge_side(p, pi, dg, s, row_offset, want_ce, want_kl):
         top, z = _lse_merge(p[M_KL.value], p[Z_KL.value])
         top_o, z_o = _lse_merge(p[M_OLD.value], p[Z_OLD.value])
         cross = (p[CROSS.value] * torch.exp(p[M_OLD.value] - top_o)).sum(0)
-        am_v = p[AM_V.value].max(0).values
-        am_i = torch.where(p[AM_V.value] == am_v, pi, torch.iinfo(torch.int32).max).min(0).values
-        kept = am_i == torch.arange(n, device=p.device) + row_offset
+        if keep_all:
+            kept = torch.ones(n, dtype=torch.bool, device=p.device)
+        else:
+            am_v = p[AM_V.value].max(0).values
+            am_i = torch.where(p[AM_V.value] == am_v, pi, torch.iinfo(torch.int32).max).min(0).values
+            kept = am_i == torch.arange(n, device=p.device) + row_offset
         kl = cross / z_o + ((top - top_o) + torch.log(z / z_o))  # well-conditioned LSE difference
         kl = torch.where(kept | torch.isnan(kl), kl, torch.zeros_like(kl))  # NaN scores stay visible
         stats[1], stats[2] = top + torch.log(z), top_o + torch.log(z_o)
     return ce, kl, kept, stats
 
 
-def loss_forward(x, y, xo, yo, scale, row_offset, inv_tau, off_diag, want_ce, want_kl, both):
+def loss_forward(x, y, xo, yo, scale, row_offset, inv_tau, off_diag, want_ce, want_kl, keep_all, both):
     """Launch the forward kernel and merge its partials: per side (rows; columns with `both`)
     (ce, kl, kept, backward statistics)."""
     b, D = x.shape
@@ -393,11 +401,11 @@ def loss_forward(x, y, xo, yo, scale, row_offset, inv_tau, off_diag, want_ce, wa
         _loss_fwd[(n_rs * n_cs,)](x, y, xo, yo, scale, rowp, rowi, colp, coli, b, B, D, x.stride(0),
                                   y.stride(0), xo.stride(0), yo.stride(0), row_offset, inv_tau, rows_per, cols_per,
                                   n_rs, n_cs, size_class(b), size_class(B), HAS_CE=want_ce, HAS_KL=want_kl,
-                                  OFF_DIAG=off_diag, BOTH=both)
+                                  OFF_DIAG=off_diag, ARGMAX=want_kl and not keep_all, BOTH=both)
     dg = rowp[DIAG.value].sum(0)
-    sides = [_merge_side(rowp, rowi, dg, scale, row_offset, want_ce, want_kl)]
+    sides = [_merge_side(rowp, rowi, dg, scale, row_offset, want_ce, want_kl, keep_all)]
     if both:
-        sides.append(_merge_side(colp, coli, dg, scale, 0, want_ce, want_kl))
+        sides.append(_merge_side(colp, coli, dg, scale, 0, want_ce, want_kl, keep_all))
     return sides
 
 
@@ -452,15 +460,16 @@ def loss_backward(x, y, xo, yo, scale, gce, norm, row_stats, col_stats, row_offs
 
 class LossFunction(torch.autograd.Function):
     """(Σ ce_rows, Σ ce_cols, Σ kl_rows, Σ kl_cols, kept_rows, kept_cols): the CLIP cross-entropy
-    (want_ce) and Mod-X's masked KL (want_kl) of the rows (X's direction) and, with `both`, of the
-    columns (Y's direction; zeros without it), from the same tiles."""
+    (want_ce) and Mod-X's masked KL (want_kl; every row with keep_all) of the rows (X's direction)
+    and, with `both`, of the columns (Y's direction; zeros without it), from the same tiles."""
 
     @staticmethod
-    def forward(ctx, x, y, xo, yo, scale, row_offset, inv_tau, off_diag, want_ce, want_kl, both):
+    def forward(ctx, x, y, xo, yo, scale, row_offset, inv_tau, off_diag, want_ce, want_kl, keep_all, both):
         xf, yf = _features(x, y)
         xof, yof = _features(xo, yo) if want_kl else (xf, yf)
         scale_f = scale.detach().reshape(-1)[:1].float().contiguous()
-        sides = loss_forward(xf, yf, xof, yof, scale_f, row_offset, inv_tau, off_diag, want_ce, want_kl, both)
+        sides = loss_forward(xf, yf, xof, yof, scale_f, row_offset, inv_tau, off_diag, want_ce, want_kl, keep_all,
+                             both)
         zero = torch.zeros((), device=x.device, dtype=torch.float32)
         out = []
         for k in range(3):  # ce, kl, kept
@@ -501,7 +510,7 @@ class LossFunction(torch.autograd.Function):
         gx = _grad_out(dx, x_dtype) if need_x else None
         gy = _grad_out(dy, y_dtype) if need_y else None
         gs = dsum.to(scale.dtype).reshape(scale.shape) if need_s else None
-        return gx, gy, None, None, gs, None, None, None, None, None, None
+        return gx, gy, None, None, gs, None, None, None, None, None, None, None
 
 
 def _apply(x, y, xo, yo, scale, row_offset, options, want_ce, both, names):
@@ -510,8 +519,9 @@ def _apply(x, y, xo, yo, scale, row_offset, options, want_ce, both, names):
     check_inputs(features, {"logit_scale": scale})
     if not want_kl:
         xo, yo = x, y
+    keep_all = want_kl and options.selection == "all"
     return LossFunction.apply(x, y, xo, yo, scale, int(row_offset), inv_tau, off_diag, bool(want_ce), want_kl,
-                              both)
+                              keep_all, both)
 
 
 def direction(x, y, xo, yo, scale, row_offset, options: ModxOptions | None, want_ce: bool):

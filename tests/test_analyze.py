@@ -98,7 +98,7 @@ def test_run_directory(run_dir, run_analysis):
     a, out, before = run_analysis
     report = run_dir / "analysis" / "report.html"
     assert f"report: {report}" in out and report.read_text().startswith("<!DOCTYPE html>")
-    assert a["schema"] == "geomlab.analysis/1" and a["source"]["kind"] == "run"
+    assert a["schema"] == "geomlab.analysis/2" and a["source"]["kind"] == "run"
     assert a["source"]["run"] == RunDir(run_dir).run_json()
     assert list(a["strategies"]) == ["finetune", "modx", "joint"] and a["domains"] == ["domain0", "domain1", "domain2"]
     s = a["strategies"]["finetune"]

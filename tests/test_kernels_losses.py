@@ -78,7 +78,8 @@ def check_against_fp64(backend, feats, dtype, **opts):
     truth, kept_truth = run("reference", rounded, torch.float64, **opts)
     dense, _ = run("reference", feats, dtype, **opts)
     got, kept = run(backend, feats, dtype, **opts)
-    assert kept == kept_truth == first_argmax_kept(*rounded[2:])
+    n = feats[0].shape[0]
+    assert kept == kept_truth == ((n, n) if opts.get("selection") == "all" else first_argmax_kept(*rounded[2:]))
     for name, g, d, t in zip(NAMES, got, dense, truth):
         e, e_dense = rel_err(g, t), rel_err(d, t)
         assert e <= 2.0 * e_dense + 2e-6, f"{backend} {dtype} {name}: rel err {e:.3g} vs dense {e_dense:.3g}"
@@ -122,6 +123,15 @@ def test_backend_mask_cases(backend, case):
     else:  # rows 5 and 9 copy rows 3 and 8: their first maximum is at the copied index, not theirs
         kept_truth = first_argmax_kept(*make(case=case)[2:])
         assert kept == kept_truth and kept_truth[0] < B and kept_truth[1] < B
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_selection_all(backend, dtype):
+    """Every row kept (LwF's and ZSCL's distillation), on features whose "correct" mask drops rows."""
+    feats = make(seed=7)
+    assert first_argmax_kept(*feats[2:])[0] < B
+    kept = check_against_fp64(backend, feats, dtype, temperature=0.25, reduction="mean", selection="all")
+    assert kept == (B, B)
 
 
 def test_backend_fp16_and_modx_kl_alone(backend):
@@ -271,10 +281,11 @@ def test_clip_loss_matches_open_clip(bk, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("bk", ["reference", "torch", "triton"])
-def test_data_parallel_sums_to_full_batch(bk, monkeypatch):
+@pytest.mark.parametrize("selection", ["correct", "all"])
+def test_data_parallel_sums_to_full_batch(bk, selection, monkeypatch):
     monkeypatch.setattr(losses, "TILE_ELEMS", 16 * B)
     image, text, image_old, text_old = (t.float() for t in make(seed=11, case="ties"))
-    opts = dict(alpha=3.0, temperature=0.7, reduction="kept_mean", off_diagonal_only=True)
+    opts = dict(alpha=3.0, temperature=0.7, reduction="kept_mean", off_diagonal_only=True, selection=selection)
 
     def leaves():
         return image.clone().requires_grad_(), text.clone().requires_grad_(), torch.tensor(5.0, requires_grad=True)
@@ -297,6 +308,7 @@ def test_data_parallel_sums_to_full_batch(bk, monkeypatch):
         kept[1] += int(p["kept_t2i"])
     got = acc + [i.grad, t.grad, s.grad]
     assert kept == [int(pf["kept_i2t"]), int(pf["kept_t2i"])]
+    assert (kept == [B, B]) == (selection == "all")  # "correct" drops rows of these features
     for name, a, b in zip(NAMES, got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     # clip_loss alone
@@ -384,38 +396,6 @@ def test_modx_options_declared_once():
         ModxOptions(temperature=-1.0)
     with pytest.raises(ValueError, match="selection"):
         ModxOptions(selection="kept")
-
-
-def test_selection_all_fp32_torch_against_fp64_and_triton_refuses_it():
-    """Every row kept (LwF's and ZSCL's distillation): the tiled torch kernel, several row tiles,
-    full batch and two ranks, against the float64 dense formula; triton says to use torch."""
-    feats = make(seed=7)
-    opts = dict(alpha=2.0, temperature=0.25, reduction="mean", selection="all")
-    assert first_argmax_kept(*feats[2:])[0] < B  # "correct" would drop rows here
-    truth = {}
-    for name, dtype in (("truth", torch.float64), ("torch", torch.float32)):
-        image, text, image_old, text_old = (t.to(dtype) for t in feats)
-        leaves = image.clone().requires_grad_(), text.clone().requires_grad_()
-        s = torch.tensor(6.0, dtype=dtype, requires_grad=True)
-        bk = "reference" if name == "truth" else "torch"
-        total, p = kernels.modx_loss(*leaves, image_old, text_old, s, backend=bk, **opts)
-        assert int(p["kept_i2t"]) == int(p["kept_t2i"]) == B
-        total.backward()
-        split = 0.0
-        for lo, hi in ((0, 20), (20, B)):
-            part, _ = kernels.modx_loss(leaves[0].detach()[lo:hi], leaves[1].detach()[lo:hi], image_old[lo:hi],
-                                        text_old[lo:hi], s.detach(), backend=bk, image_all=leaves[0].detach(),
-                                        text_all=leaves[1].detach(), image_old_all=image_old,
-                                        text_old_all=text_old, row_offset=lo, **opts)
-            split = split + part
-        truth[name] = [total.detach().double(), split.double(), leaves[0].grad.double(), leaves[1].grad.double(),
-                       s.grad.double()]
-    for a, b in zip(truth["torch"], truth["truth"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(truth["truth"][1], truth["truth"][0], rtol=1e-12, atol=1e-12)
-    image, text, image_old, text_old = (t.float() for t in feats)
-    with pytest.raises(ValueError, match=r"selection='all'.*backend='torch'"):
-        kernels.modx_loss(image, text, image_old, text_old, torch.tensor(2.0), backend="triton", selection="all")
 
 
 def test_torch_backend_under_autocast_and_auto_dispatch():

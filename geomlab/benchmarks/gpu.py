@@ -121,7 +121,7 @@ def _variants(scope: str) -> list[dict]:
         for mode, (ce, kl, both) in list(_LOSS_MODES.items())[:None if full else 1]:
             flags = dict(HAS_CE=ce, HAS_KL=kl, OFF_DIAG=False)
             add(L._loss_fwd, f"loss fwd {mode}", pruned(L._loss_fwd, dt, BOTH=both, HAS_KL=kl), dt, BOTH=both,
-                **flags)
+                ARGMAX=kl, **flags)
             # dX launch (own = rows, with the logit-scale gradient) and dY launch (own = columns)
             for own, other, scale_grad in ((True, both, True), (both, True, False)):
                 if not full and not scale_grad:

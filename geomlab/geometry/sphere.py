@@ -54,7 +54,7 @@ class SphereProjection:
 
     def samples(self, trace, captions: dict) -> dict:
         """{domain: {"ids": [...], "captions": [...] or None}} of the sampled pairs; captions from
-        `captions` (domain -> ProbeSet) when that probe set has exactly `trace`'s sample ids."""
+        `captions` (domain -> ProbeSet) when that probe set has exactly `trace`'s image ids."""
         out = {}
         for d, (idx, cap) in self.picks.items():
             e = trace.domains[d]

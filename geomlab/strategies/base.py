@@ -91,6 +91,17 @@ class PhaseContext:
     world: int = 1                                  # a term every rank computes in full is divided by it:
                                                     # the ranks' losses add up to the full-batch loss
 
+    @torch.no_grad()
+    def teacher(self, model: torch.nn.Module, images, tokens, feats: Features):
+        """(image, text, columns): a frozen model's features of the batch's rows, and the kernel
+        keywords that score them against the gathered batch under torchrun (`feats.columns()` plus
+        the gathered teacher columns; none on one process)."""
+        image, text = self.encode(model, images, tokens)
+        columns = feats.columns()
+        if columns:
+            columns.update(image_old_all=self.gather(image), text_old_all=self.gather(text))
+        return image, text, columns
+
 
 class Strategy(abc.ABC):
     """Built once per phase as `cls(context, **config[cls.name])`: a strategy's options are the

@@ -27,11 +27,7 @@ class LwF(Strategy):
         self.old_model, self.weight, self.temperature = context.previous_model, weight, temperature
 
     def loss(self, images, tokens, feats, step):
-        with torch.no_grad():
-            image_old, text_old = self.context.encode(self.old_model, images, tokens)
-        columns = feats.columns()
-        if columns:
-            columns.update(image_old_all=self.context.gather(image_old), text_old_all=self.context.gather(text_old))
+        image_old, text_old, columns = self.context.teacher(self.old_model, images, tokens, feats)
         total, parts = kernels.modx_loss(feats.image, feats.text, image_old, text_old, feats.logit_scale,
                                          alpha=self.weight, **distillation(self.temperature, feats.logit_scale),
                                          **columns)

@@ -1,7 +1,6 @@
 """Mod-X: the CLIP loss plus α times the KL from the old model's in-batch similarity distribution,
 on the rows the old model still retrieves correctly (docs/definitions.md, "Mod-X loss"). The old
 model is the frozen copy of the phase-start model."""
-import torch
 
 from geomlab import kernels
 
@@ -20,11 +19,7 @@ class ModX(Strategy):
         self.reduction, self.off_diagonal_only = reduction, off_diagonal_only
 
     def loss(self, images, tokens, feats, step):
-        with torch.no_grad():
-            image_old, text_old = self.context.encode(self.old_model, images, tokens)
-        columns = feats.columns()
-        if columns:
-            columns.update(image_old_all=self.context.gather(image_old), text_old_all=self.context.gather(text_old))
+        image_old, text_old, columns = self.context.teacher(self.old_model, images, tokens, feats)
         return kernels.modx_loss(
             feats.image, feats.text, image_old, text_old, feats.logit_scale,
             alpha=self.alpha, temperature=self.temperature, reduction=self.reduction,
