@@ -12,7 +12,7 @@ from geomlab.io import atomic_write_text
 
 from .plots import figures
 from .study import METRIC_LABELS, fmt, label, study_figures
-from .summary import headline_numbers
+from .summary import format_number as _f, headline_numbers
 
 _ERROR_HOOK = """<script>
 window.__geomlabErrors = [];
@@ -52,10 +52,6 @@ nav a { margin-right: 12px; font-size: 0.9em; } #js-errors { color: #b00; }
 
 def _e(s) -> str:
     return html.escape(str(s), quote=True)
-
-
-def _f(v, spec=".3f") -> str:
-    return "–" if v is None else format(v, spec)
 
 
 def _summary_table(a: dict) -> str:

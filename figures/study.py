@@ -7,6 +7,7 @@ from plotly.colors import hex_to_rgb
 from plotly.subplots import make_subplots
 
 from .plots import IMAGE_COLOR, PALETTE, TEXT_COLOR, _grid, _labels, _layout, esc
+from .summary import format_number
 
 # headline keys (geomlab.study) -> how the report names them, and the number format
 METRIC_LABELS = {
@@ -33,7 +34,7 @@ def label(key: str) -> str:
 
 
 def fmt(key: str, v) -> str:
-    return "–" if v is None else format(v, METRIC_LABELS.get(key, (key, ".3f"))[1])
+    return format_number(v, METRIC_LABELS.get(key, (key, ".3f"))[1])
 
 
 def _rgba(color: str, alpha: float) -> str:

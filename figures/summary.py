@@ -2,6 +2,14 @@
 from __future__ import annotations
 
 
+#: how an absent number (undefined, e.g. NaN, or not measured) is shown, in the console and the report
+MISSING = "n/a"
+
+
+def format_number(v, spec: str = ".3f") -> str:
+    return MISSING if v is None else format(v, spec)
+
+
 def pair_numbers(g: dict) -> dict:
     """The main geometry numbers of one PAIR on one probe set (docs/analysis_schema.md): mean rotation
     per modality, rigid share per modality, desynchronisation, alignment drift, the later checkpoint's

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from geomlab import kernels
 from geomlab.embed import Embedder, Probes, check_probe_spec, load_traces
 from geomlab.figures import headline_numbers, write_report
+from geomlab.figures.summary import format_number as _fmt
 from geomlab.geometry import (accuracy_matrix, continual_metrics, learned_at, metrics_from_ranks, modality_gap,
                               spatial_disorder)
 from geomlab.geometry.checks import check_rows
@@ -76,15 +77,21 @@ def analyze(ckpt_dir, *, out=None, model: str | None = None, probe: str | None =
     traces = load_traces(source, Embedder(out / "cache", probes, model, resolve_device(device)), quiet=quiet)
     result = _analysis(source, traces, captions=probes.captions(), exact_limit=exact_limit, quiet=quiet)
     result["seconds"] = round(time.time() - t0, 2)
+    report_path = _write(result, out, report)
+    if not quiet:
+        print_summary(result, out, report_path)
+    return result
+
+
+def _write(result: dict, out: Path, report: bool) -> Path | None:
+    """OUT/analysis.json and (with `report`) OUT/report.html, each written atomically; the report's path."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "analysis.json", json.dumps(result, separators=(",", ":"), allow_nan=False) + "\n")
     report_path = write_report(result, out / "report.html") if report else None
     for p in (out / "analysis.json", report_path):
         if p is not None:
             p.chmod(0o644)
-    if not quiet:
-        print_summary(result, out, report_path)
-    return result
+    return report_path
 
 
 def analyze_study(ckpt_dirs, *, out=None, model: str | None = None, probe: str | None = None,
@@ -109,11 +116,7 @@ def analyze_study(ckpt_dirs, *, out=None, model: str | None = None, probe: str |
         paths[r.seed] = f"{seed_dir(r.seed)}/analysis.json"
     result = _jsonable(aggregate(runs, analyses, sources=ckpt_dirs, paths=paths))
     result["seconds"] = round(time.time() - t0, 2)
-    atomic_write_text(out / "analysis.json", json.dumps(result, separators=(",", ":"), allow_nan=False) + "\n")
-    report_path = write_report(result, out / "report.html") if report else None
-    for p in (out / "analysis.json", report_path):
-        if p is not None:
-            p.chmod(0o644)
+    report_path = _write(result, out, report)
     if not quiet:
         print(summary(result))
         print(f"analysis: {out / 'analysis.json'}" + (f"\nreport: {report_path}" if report_path else ""))
@@ -289,10 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="write analysis.json only")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
-
-
-def _fmt(v, spec=".3f"):
-    return "n/a" if v is None else format(v, spec)
 
 
 def print_summary(result: dict, out: Path, report: Path | None) -> None:

@@ -9,7 +9,7 @@ finetune on the same seeds, and domain 0's geometry against its forgetting over 
 from __future__ import annotations
 
 from geomlab.figures.study import fmt, label
-from geomlab.figures.summary import headline_numbers, pair_numbers
+from geomlab.figures.summary import MISSING, headline_numbers, pair_numbers
 from geomlab.geometry.inference import (BOOTSTRAP_RESAMPLES, CONFIDENCE, PAIRED_TEST, mean_ci, paired_comparison,
                                         spearman)
 from geomlab.rundir import SeedRun
@@ -150,7 +150,7 @@ def aggregate(runs: list[SeedRun], analyses: list[dict], *, sources=(), paths: d
 
 def _mean_pm(key: str, h: dict | None) -> str:
     if not h or h["mean"] is None:
-        return "n/a"
+        return MISSING
     return fmt(key, h["mean"]) + (f" ± {fmt(key, (h['ci'][1] - h['ci'][0]) / 2).lstrip('+')}" if h["ci"] else "")
 
 

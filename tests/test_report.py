@@ -12,6 +12,7 @@ import torch
 from geomlab.analyze import analyze, analyze_study
 from geomlab.data import ProbeSet
 from geomlab.figures import figures, study_figures, write_report
+from geomlab.figures.summary import MISSING
 from geomlab.geometry.sphere import SphereProjection
 from geomlab.geometry.synthetic import synthetic_run, synthetic_study
 from geomlab.rundir import RunDir
@@ -81,7 +82,7 @@ def test_summary_table_shows_the_headline_numbers(report):
                              f"{g['rotation']['image']['mean']:.1f}",
                              f"{g['rotation']['text']['mean']:.1f}", f"{g['procrustes']['image']['rigid_share']:.2f}",
                              f"{g['deviation']['desync']['mean']:.1f}",
-                             f"{g['flips']['image_to_text']['forgotten']:.2f}", "–" if auc is None else f"{auc:.2f}"]
+                             f"{g['flips']['image_to_text']['forgotten']:.2f}", MISSING if auc is None else f"{auc:.2f}"]
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,16 @@ def _values(values: Sequence) -> np.ndarray:
     return np.asarray([float(v) for v in values if v is not None and math.isfinite(float(v))], dtype=np.float64)
 
 
+def _pairs(measure: str, a: Sequence, b: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (a_i, b_i) in which both values exist (None and NaN dropped), as two float64 arrays."""
+    if len(a) != len(b):
+        raise ValueError(f"{measure}: {len(a)} values against {len(b)}; the pairs must align")
+    keep = [(float(x), float(y)) for x, y in zip(a, b) if x is not None and y is not None
+            and math.isfinite(float(x)) and math.isfinite(float(y))]
+    return (np.asarray([k[0] for k in keep], dtype=np.float64),
+            np.asarray([k[1] for k in keep], dtype=np.float64))
+
+
 def t_interval(x: np.ndarray, confidence: float = CONFIDENCE) -> list[float] | None:
     """mean ± t_{(1+c)/2, n−1} · s / √n (s: the sample standard deviation); None for n < 2."""
     n = len(x)
@@ -50,12 +60,7 @@ def paired_comparison(a: Sequence, b: Sequence, confidence: float = CONFIDENCE) 
     exist, their mean, its t-interval and the paired t-test's two-sided p-value (H0: mean difference
     0). {"n", "mean_difference", "ci", "p_value", "test"}; "ci" and "p_value" are None with fewer than
     two pairs, and "p_value" also when every difference is exactly 0 (the test is undefined)."""
-    if len(a) != len(b):
-        raise ValueError(f"paired_comparison: {len(a)} values against {len(b)}; pairs must align")
-    keep = [(float(x), float(y)) for x, y in zip(a, b) if x is not None and y is not None
-            and math.isfinite(float(x)) and math.isfinite(float(y))]
-    x = np.asarray([k[0] for k in keep], dtype=np.float64)
-    y = np.asarray([k[1] for k in keep], dtype=np.float64)
+    x, y = _pairs("paired_comparison", a, b)
     d = x - y
     p = None
     if len(d) > 1 and np.any(d != 0):
@@ -85,12 +90,7 @@ def spearman(x: Sequence, y: Sequence, *, seed: int = 0, n_resamples: int = BOOT
     all that follows from it) is None with fewer than three points or a constant variable. The
     interval is the (1 ∓ c)/2 quantiles of ρ over the resamples; a resample in which x or y is
     constant has no ρ and is left out (counted in "degenerate_resamples")."""
-    if len(x) != len(y):
-        raise ValueError(f"spearman: {len(x)} x values against {len(y)} y values")
-    keep = [(float(a), float(b)) for a, b in zip(x, y) if a is not None and b is not None
-            and math.isfinite(float(a)) and math.isfinite(float(b))]
-    xs = np.asarray([k[0] for k in keep], dtype=np.float64)
-    ys = np.asarray([k[1] for k in keep], dtype=np.float64)
+    xs, ys = _pairs("spearman", x, y)
     out = {"n": int(len(xs)), "rho": None, "p_value": None, "ci": None, "method": BOOTSTRAP_METHOD,
            "seed": seed, "resamples": n_resamples, "degenerate_resamples": None}
     if len(xs) < 3 or np.all(xs == xs[0]) or np.all(ys == ys[0]):
