@@ -86,24 +86,24 @@ def accuracy_mean(st: dict) -> go.Figure:
     return _layout(fig, f"Accuracy matrix A[t][p], {_seeds_note(st)}", height=max(320, 140 + 40 * rows))
 
 
-def forgetting_bands(st: dict) -> go.Figure:
-    """Mean R@1 of every probe set across checkpoints, one panel per strategy, band = 95% CI over seeds."""
+def _curve_bands(st: dict, curve: str, y_title: str, title: str) -> go.Figure:
+    """One panel per strategy: every set's `curve` across checkpoints, band = 95% CI over seeds."""
     fig, names = _grid(st, None)
     for j, name in enumerate(names, 1):
-        for k, (d, band) in enumerate(st["curves"][name]["r1"].items()):
+        for k, (d, band) in enumerate(st["curves"][name][curve].items()):
             _band_traces(fig, _x(st, name), band, esc(d), PALETTE[k % len(PALETTE)], row=1, col=j, showlegend=j == 1)
-    fig.update_yaxes(range=[0, 1.02], title_text="mean R@1", col=1)
-    return _layout(fig, f"Forgetting curves ({_seeds_note(st)})")
+    fig.update_yaxes(range=[0, 1.02], title_text=y_title, col=1)
+    return _layout(fig, f"{title} ({_seeds_note(st)})")
+
+
+def forgetting_bands(st: dict) -> go.Figure:
+    """Mean R@1 of every probe set across checkpoints, one panel per strategy, band = 95% CI over seeds."""
+    return _curve_bands(st, "r1", "mean R@1", "Forgetting curves")
 
 
 def zeroshot_bands(st: dict) -> go.Figure:
     """Zero-shot top-1 accuracy of every zero-shot set across checkpoints, band = 95% CI over seeds."""
-    fig, names = _grid(st, None)
-    for j, name in enumerate(names, 1):
-        for k, (z, band) in enumerate(st["curves"][name]["zeroshot"].items()):
-            _band_traces(fig, _x(st, name), band, esc(z), PALETTE[k % len(PALETTE)], row=1, col=j, showlegend=j == 1)
-    fig.update_yaxes(range=[0, 1.02], title_text="top-1 accuracy", col=1)
-    return _layout(fig, f"Zero-shot classification ({_seeds_note(st)})")
+    return _curve_bands(st, "zeroshot", "top-1 accuracy", "Zero-shot classification")
 
 
 def geometry_bands(st: dict) -> go.Figure:
