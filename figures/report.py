@@ -11,7 +11,7 @@ from plotly.offline import get_plotlyjs
 from geomlab.io import atomic_write_text
 
 from .plots import figures
-from .study import METRIC_LABELS, fmt, label, study_figures
+from .study import ALL_EQUAL, METRIC_LABELS, few_seeds_note, fmt, label, study_figures
 from .summary import format_number as _f, headline_numbers
 
 _ERROR_HOOK = """<script>
@@ -77,26 +77,57 @@ def _summary_table(a: dict) -> str:
             f"checkpoint against the base checkpoint, probe {_e(', '.join(sorted(probes)))}.</p>")
 
 
+def _n(n: int, seeds: int) -> str:
+    """" (n = k)" where a number rests on fewer seeds than the study has."""
+    return f" <small>(n = {n})</small>" if n < seeds else ""
+
+
 def _ci_cell(key: str, h: dict) -> str:
-    """mean ± the half-width of its 95% CI (the mean alone with one seed); the seeds' values on hover."""
+    """mean ± the half-width of its 95% CI (the mean alone with one seed, "all seeds equal" without
+    spread), its n where fewer seeds than the study's have it; the seeds' values on hover."""
     if h is None or h["mean"] is None:
         return "<td>–</td>"
-    values = ", ".join(fmt(key, v) for v in h["values"])
+    values = ", ".join(_f(v, METRIC_LABELS.get(key, (key, ".3f"))[1]) for v in h["values"])
     half = f" ± {fmt(key, (h['ci'][1] - h['ci'][0]) / 2).lstrip('+')}" if h["ci"] else ""
-    return f"<td title=\"n = {h['n']}: {_e(values)}\">{fmt(key, h['mean'])}{half}</td>"
+    same = f" <small>({ALL_EQUAL})</small>" if h.get("all_equal") else ""
+    return (f"<td title=\"n = {h['n']}: {_e(values)}\">{fmt(key, h['mean'])}{half}{same}"
+            f"{_n(h['n'], len(h['values']))}</td>")
+
+
+def _stores_row(st: dict, names: list) -> str:
+    stores = st.get("stores") or {}
+    return ("<tr><td>stores</td>" + "".join(f"<td class=stores>{_e(stores.get(n) or '–')}</td>" for n in names)
+            + "</tr>")
+
+
+def _rho_cells(r: dict | None) -> str:
+    """ρ, its CI and p as three cells; – with the reason on hover where there is none."""
+    if r is None:
+        return "<td>–</td><td>–</td><td>–</td>"
+    if r["rho"] is None:
+        why = _e(r.get("reason") or "n/a")
+        return f"<td title=\"{why}\">– <small>({why})</small></td><td>–</td><td>–</td>"
+    ci = "–" if not r["ci"] else "[{:+.3f}, {:+.3f}]".format(*r["ci"])
+    ci_title = _e(r.get("reason") or r.get("ci_method") or "")
+    return (f"<td>{r['rho']:+.3f}</td><td title=\"{ci_title}\">{ci}</td>"
+            f"<td title=\"{_e(r.get('p_method') or '')}\">{_f(r['p_value'], '.3g')}</td>")
 
 
 def _study_tables(st: dict) -> str:
     """The headline numbers as mean ± CI, each strategy against the baseline, and the correlations."""
     keys = _study_rows(st)
-    rows = "".join(f"<tr><td>{_e(label(k))}</td>" + "".join(_ci_cell(k, st["headline"][n].get(k))
-                                                          for n in st["strategies"]) + "</tr>" for k in keys)
+    rows = _stores_row(st, st["strategies"]) + "".join(
+        f"<tr><td>{_e(label(k))}</td>" + "".join(_ci_cell(k, st["headline"][n].get(k)) for n in st["strategies"])
+        + "</tr>" for k in keys)
     seeds = ", ".join(map(str, st["seeds"]))
     parts = [f"<table><tr><th>metric</th>{''.join(f'<th>{_e(n)}</th>' for n in st['strategies'])}</tr>{rows}</table>",
              f"<p class=note>Mean over seeds {_e(seeds)} ± the half-width of the 95% confidence interval "
              "(t-interval, docs/definitions.md, \"Statistics across seeds\"); hover a cell for each seed's value. "
              f"Geometry rows (θ to AUC): last checkpoint against the base checkpoint, probe {_e(st['geometry_probe'])}. "
-             "– where a value does not exist." + (f" <b>{_e(st['note'])}</b>." if st["note"] else "") + "</p>"]
+             "– where a value does not exist; \"all seeds equal\": no spread, hence no interval; (n = k): only k "
+             "seeds have the number. stores: what the strategy keeps from earlier phases besides the weights. "
+             "weight distance: ‖θ − θ_base‖ / ‖θ_base‖ at the last checkpoint (docs/definitions.md, "
+             "\"Weight distance\")." + (f" <b>{_e(st['note'])}</b>." if st["note"] else "") + few_seeds_note(st) + "</p>"]
     cmp = st["comparison"]
     if cmp:
         others = list(cmp["rows"])
@@ -104,32 +135,68 @@ def _study_tables(st: dict) -> str:
         for k in cmp["metrics"]:
             cells = []
             for n in others:
-                c = cmp["rows"][n][k]
-                if c["mean_difference"] is None:
+                c = cmp["rows"][n].get(k)
+                if c is None or c["mean_difference"] is None:
                     cells.append("<td>–</td>")
                     continue
-                ci = f"<br>[{fmt(k, c['ci'][0])}, {fmt(k, c['ci'][1])}]" if c["ci"] else ""
-                pv = f"<br>p = {c['p_value']:.3g}" if c["p_value"] is not None else ""
+                if c.get("all_equal"):
+                    rest = f"<br><small>{ALL_EQUAL}</small>"
+                else:
+                    rest = f"<br>[{fmt(k, c['ci'][0])}, {fmt(k, c['ci'][1])}]" if c["ci"] else ""
+                    rest += f"<br>p = {c['p_value']:.3g}" if c["p_value"] is not None else ""
+                    rest += f", Holm {c['p_holm']:.3g}" if c.get("p_holm") is not None else ""
                 cells.append(f"<td>{'+' if c['mean_difference'] >= 0 else ''}"
-                             f"{fmt(k, c['mean_difference']).lstrip('+')}{ci}{pv}</td>")
+                             f"{fmt(k, c['mean_difference']).lstrip('+')}{rest}{_n(c['n'], len(st['seeds']))}</td>")
             body += f"<tr><td>{_e(label(k))}</td>{''.join(cells)}</tr>"
         base = _e(cmp["baseline"])
         parts += [f"<h2 id=comparison>Against {base} on the same seeds</h2>",
                   f"<table><tr><th>metric</th>{''.join(f'<th>{_e(n)} − {base}</th>' for n in others)}"
-                  f"</tr>{body}</table>",
-                  f"<p class=note>Mean paired difference over the seeds, its 95% CI, and the p-value of a "
-                  f"{_e(cmp['test'])}. Positive: the strategy's number is higher than {_e(cmp['baseline'])}'s.</p>"]
+                  f"</tr>{_stores_row(st, others)}{body}</table>",
+                  f"<p class=note>Mean paired difference over the seeds, its 95% CI, the raw p-value of a "
+                  f"{_e(cmp['test'])} and, after it, the p-value adjusted by "
+                  f"{_e(cmp.get('correction') or 'Holm')}: read the adjusted one. A CI that spans 0 cannot separate "
+                  f"the strategy from {_e(cmp['baseline'])}. \"all seeds equal\": every seed gives the same "
+                  f"difference, so there is no interval and no test. Positive: the strategy's number is higher than "
+                  f"{_e(cmp['baseline'])}'s." + few_seeds_note(st) + "</p>"]
     g = st["geometry_vs_forgetting"]
     body = "".join(
-        f"<tr><td>{_e(label(m))}</td><td>{r['n']}</td><td>{_f(r['rho'], '+.3f')}</td>"
-        f"<td>{'–' if not r['ci'] else '[{:+.3f}, {:+.3f}]'.format(*r['ci'])}</td>"
-        f"<td>{_f(r['p_value'], '.3g')}</td></tr>"
+        f"<tr><td>{_e(label(m))}</td><td>{r['n']}</td><td>{r['clusters']}</td>{_rho_cells(r)}"
+        f"{_rho_cells(g['partial'].get(m))}<td>{g['strategy_means'][m]['n']}</td>"
+        f"{_rho_cells(g['strategy_means'][m])}</tr>"
         for m, r in g["spearman"].items())
-    parts += ["<h2 id=correlations>Geometry against domain-0 forgetting</h2>",
-              f"<table><tr><th>measure</th><th>points</th><th>Spearman ρ</th><th>95% CI</th><th>p</th></tr>{body}"
-              "</table>", f"<p class=note>One point per (strategy, seed). CI: {_e(next(iter(g['spearman'].values()))['method'])}, "
-              f"{st['settings']['bootstrap_resamples']} resamples, seed {st['settings']['bootstrap_seed']}; "
-              "p: scipy.stats.spearmanr, two-sided.</p>"]
+    control = _e(label(g["control"]))
+    parts += ["<h2 id=correlations>Geometry and weight distance against domain-0 forgetting</h2>",
+              "<table><tr><th rowspan=2>measure</th><th colspan=5>over (strategy, seed) points</th>"
+              f"<th colspan=3>partial, given {control}</th><th colspan=4>over strategy means</th></tr>"
+              "<tr><th>points</th><th>strategies</th><th>Spearman ρ</th><th>95% CI</th><th>p</th>"
+              "<th>ρ</th><th>95% CI</th><th>p</th><th>strategies</th><th>ρ</th><th>95% CI</th><th>p</th></tr>"
+              f"{body}</table>",
+              f"<p class=note>One point per (strategy, seed); a strategy's seeds are not independent points, so the "
+              f"95% CI is a percentile cluster bootstrap that resamples strategies (all seeds of each drawn one), "
+              f"{st['settings']['bootstrap_resamples']} resamples, seed {st['settings']['bootstrap_seed']}, and only "
+              f"with at least {st['settings'].get('min_clusters', 5)} strategies; the same measure over the "
+              f"strategies' means (one point each) gives the p that does not lean on the seeds' independence. "
+              f"Partial: the ranks of the measure and of the forgetting each residualised on the ranks of the "
+              f"{control}, then correlated: what the measure says about forgetting beyond how far the weights "
+              f"moved. p: exact permutation test below {st['settings'].get('exact_below', 10)} points, else "
+              f"scipy.stats.spearmanr (partial: a t-test on n − 3 degrees of freedom); no ρ at all below "
+              f"{st['settings'].get('min_points', 5)} points (hover – for the reason).</p>"]
+    w = st.get("within_strategy")
+    if w:
+        body = "".join(
+            f"<tr><td>{_e(name)}</td>" + "".join(
+                f"<td title=\"{_e(r.get('reason') or r.get('p_method') or '')}\">"
+                + ("–" if r["rho"] is None else f"{r['rho']:+.2f}") + f" <small>(n = {r['n']}"
+                + (f", p {r['p_value']:.2g}" if r["p_value"] is not None else "") + ")</small></td>"
+                for r in row.values()) + "</tr>"
+            for name, row in w["rows"].items())
+        parts += ["<h2 id=within>Within each strategy</h2>",
+                  f"<table><tr><th>strategy</th>{''.join(f'<th>{_e(label(m))}</th>' for m in w['measures'])}</tr>"
+                  f"{body}</table>",
+                  f"<p class=note>Spearman ρ of each measure against the {_e(label(w['drop']))} (domain-0 R@1 at the "
+                  "base − at the checkpoint) over every checkpoint of every seed of one strategy (n points); does "
+                  "the strategy that moves more, forget more, along its own runs? Checkpoints of one seed lie on "
+                  "one trajectory: the n points are not independent.</p>"]
     links = " ".join(f'<a href="{_e(r["analysis"].rsplit("/", 1)[0])}/report.html">seed {r["seed"]}</a>'
                      for r in st["runs"] if r.get("analysis"))
     if links:

@@ -6,6 +6,8 @@ import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb
 from plotly.subplots import make_subplots
 
+from geomlab.geometry.inference import ALL_EQUAL, MIN_CLUSTERS
+
 from .plots import IMAGE_COLOR, PALETTE, TEXT_COLOR, _grid, _labels, _layout, esc
 from .summary import format_number
 
@@ -19,6 +21,7 @@ METRIC_LABELS = {
     "vs_base.desync": ("desync (°)", ".1f"), "vs_base.alignment_drift": ("alignment drift Δφ (°)", ".1f"),
     "vs_base.modality_gap": ("modality gap", ".3f"), "vs_base.forgotten": ("forgotten i→t", ".2f"),
     "vs_base.auc_alignment_drift": ("AUC Δφ→forgotten", ".2f"),
+    "weight_distance": ("weight distance", ".4f"), "domain0_r1_drop": ("domain-0 R@1 drop", ".3f"),
 }
 
 # geometry curves (figures.summary.pair_numbers keys): one row each, with the modality pairs together
@@ -52,7 +55,9 @@ def _band_traces(fig, x, band: dict, name: str, color: str, *, row: int, col: in
         fig.add_trace(go.Scatter(x=x, y=lo, mode="lines", line=dict(width=0), fill="tonexty",
                                  fillcolor=_rgba(color, 0.18), hoverinfo="skip", showlegend=False, legendgroup=name),
                       row=row, col=col)
-    text = [f"n = {n}" + (f", 95% CI [{c[0]:.3g}, {c[1]:.3g}]" if c else ", no CI") for n, c in zip(band["n"], band["ci"])]
+    same = band.get("all_equal") or [False] * len(band["n"])
+    text = [f"n = {n}" + (f", 95% CI [{c[0]:.3g}, {c[1]:.3g}]" if c else f", {ALL_EQUAL}" if e else ", no CI")
+            for n, c, e in zip(band["n"], band["ci"], same)]
     fig.add_trace(go.Scatter(x=x, y=band["mean"], mode="lines+markers", name=name, legendgroup=name,
                              showlegend=showlegend, line=dict(color=color), text=text,
                              hovertemplate=f"{name}<br>%{{x}}: %{{y:.3f}}<br>%{{text}}<extra></extra>"),
@@ -65,7 +70,17 @@ def _x(st: dict, name: str) -> list[str]:
 
 def _seeds_note(st: dict) -> str:
     n = len(st["seeds"])
+    if n == 2:
+        return "mean over 2 seeds, band: 95% CI from 2 seeds (descriptive only)"
     return f"mean over {n} seeds, band: 95% CI" if n > 1 else "one seed: no confidence band"
+
+
+def few_seeds_note(st: dict) -> str:
+    """A sentence for captions and notes where the intervals come from two seeds; "" otherwise."""
+    if len(st["seeds"]) != 2:
+        return ""
+    return (" With 2 seeds every interval rests on one degree of freedom (t₀.₉₇₅ = 12.7): it is wide and "
+            "describes the two runs; it is not evidence for or against a difference.")
 
 
 def accuracy_mean(st: dict) -> go.Figure:
@@ -74,8 +89,11 @@ def accuracy_mean(st: dict) -> go.Figure:
     fig, names = _grid(st, names, shared_yaxes=False)
     for j, name in enumerate(names, 1):
         acc = st["accuracy"][name]
+        seeds = len(st["seeds"])
+        ns = acc.get("n") or [[seeds] * len(r) for r in acc["mean"]]
         text = [[("" if m is None else f"{m:.2f}") + (f"±{(c[1] - c[0]) / 2:.2f}" if c and m is not None else "")
-                 for m, c in zip(mr, cr)] for mr, cr in zip(acc["mean"], acc["ci"])]
+                 + (f" (n={n})" if m is not None and n < seeds else "")
+                 for m, c, n in zip(mr, cr, nr)] for mr, cr, nr in zip(acc["mean"], acc["ci"], ns)]
         rows = [f"after phase {t}" if t is not None else esc(r) for t, r in zip(acc["row_phases"], acc["rows"])]
         fig.add_trace(go.Heatmap(z=acc["mean"], x=[esc(d) for d in acc["domains"]], y=rows,
                                  zmin=0, zmax=1, colorscale="Viridis", showscale=j == len(names), text=text,
@@ -155,11 +173,11 @@ def retention_plasticity(st: dict) -> go.Figure:
     return _layout(fig, f"Retention against plasticity ({_seeds_note(st).replace('band', 'bars')})", height=520)
 
 
-def _rho_text(r: dict) -> str:
-    if r["rho"] is None:
-        return "ρ n/a"
+def _rho_text(r: dict | None, name: str = "ρ") -> str:
+    if r is None or r["rho"] is None:
+        return f"{name} n/a"
     ci = f" [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if r["ci"] else ""
-    return f"ρ = {r['rho']:.2f}{ci}, n = {r['n']}"
+    return f"{name} = {r['rho']:.2f}{ci}, n = {r['n']}"
 
 
 def geometry_vs_forgetting(st: dict) -> go.Figure:
@@ -170,7 +188,9 @@ def geometry_vs_forgetting(st: dict) -> go.Figure:
     cols = 3
     rows = (len(measures) + cols - 1) // cols
     fig = make_subplots(rows=rows, cols=cols, horizontal_spacing=0.08, vertical_spacing=0.16,
-                        subplot_titles=[f"{label(m)}: {_rho_text(g['spearman'][m])}" for m in measures])
+                        subplot_titles=[f"{label(m)}: {_rho_text(g['spearman'][m])}"
+                                        + (f"<br>{_rho_text(g['partial'][m], 'partial ρ')}"
+                                           if g.get("partial", {}).get(m) else "") for m in measures])
     for k, name in enumerate(st["strategies"]):
         pts = [p for p in g["points"] if p["strategy"] == name]
         for i, m in enumerate(measures):
@@ -187,13 +207,25 @@ def geometry_vs_forgetting(st: dict) -> go.Figure:
                         "(strategy, seed)", height=380 * rows + 120)
 
 
+def _rho_caption(st: dict) -> str:
+    """How far the correlations can be read: as evidence only with enough strategies and seeds."""
+    k = len({p["strategy"] for p in st["geometry_vs_forgetting"]["points"]})
+    if k < MIN_CLUSTERS or len(st["seeds"]) < 3:
+        return (f"With {k} strategies and {len(st['seeds'])} seed(s) the correlations are descriptive, not evidence"
+                + (f": an interval needs at least {MIN_CLUSTERS} strategies." if k < MIN_CLUSTERS else "."))
+    return ("A ρ whose interval excludes 0 says that the measure ranks the forgetting across methods; a partial ρ "
+            "that does too, that it does so beyond how far the weights moved.")
+
+
 def study_figures(st: dict) -> list[tuple[str, str, go.Figure, str]]:
     """Every figure of the study report, in order, as (section id, title, figure, caption)."""
     band = ("The line is the mean over seeds; the shaded band its 95% confidence interval (t-interval), "
-            "absent with one seed.")
+            "absent with one seed and where every seed gives the same value (hover: \"all seeds equal\")."
+            + few_seeds_note(st))
     out = [("accuracy", "Accuracy matrices", accuracy_mean(st),
             "A[t][p]: mean R@1 (image→text and text→image) on probe set p after phase t, averaged over seeds; each "
-            "cell shows mean ± the half-width of its 95% CI. Read down a column to see a probe set forgotten."),
+            "cell shows mean ± the half-width of its 95% CI (n where fewer seeds have the cell). Read down a column "
+            "to see a probe set forgotten." + few_seeds_note(st)),
            ("forgetting", "Forgetting curves", forgetting_bands(st),
             "Mean R@1 on every probe set at every checkpoint, one panel per strategy. " + band)]
     if any(st["curves"][n]["zeroshot"] for n in st["strategies"]):
@@ -205,9 +237,11 @@ def study_figures(st: dict) -> list[tuple[str, str, go.Figure, str]]:
              "the modality gap. " + band),
             ("retention", "Retention against plasticity", retention_plasticity(st),
              "Each strategy's final R@1 on domain 0 (what it kept) against its final R@1 on the last domain "
-             "(what it learned last), at the mean over seeds with 95% CI error bars. Up and to the right is better."),
+             "(what it learned last), at the mean over seeds with 95% CI error bars. Up and to the right is better."
+             + few_seeds_note(st)),
             ("geometry-forgetting", "Geometry against forgetting", geometry_vs_forgetting(st),
-             "Each point is one (strategy, seed): domain 0's geometry at the last checkpoint against the base, "
-             "against domain 0's forgetting. Panel titles give Spearman's ρ across all points with its seeded "
-             "percentile-bootstrap 95% CI: a ρ whose interval excludes 0 says that measure ranks the forgetting.")]
+             "Each point is one (strategy, seed): domain 0's geometry at the last checkpoint against the base (and "
+             "the weight distance), against domain 0's forgetting. Panel titles give Spearman's ρ across all points "
+             "with its seeded cluster-bootstrap 95% CI (strategies resampled, all seeds of each), and the partial ρ "
+             "given the weight distance. " + _rho_caption(st))]
     return out

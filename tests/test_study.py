@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -17,10 +18,14 @@ from geomlab.config import dumps, tomllib
 from geomlab.geometry.synthetic import synthetic_run, synthetic_study
 from geomlab.io import atomic_write_text
 from geomlab.rundir import RunDir, discover_seeds
-from geomlab.study import COMPARED, ONE_SEED_NOTE
+from geomlab.figures import study_figures
+from geomlab.geometry.inference import mean_ci
+from geomlab.io import load_checkpoint
+from geomlab.study import COMPARED, CORRELATED, GEOMETRY_VS_FORGETTING, ONE_SEED_NOTE, summary
+from geomlab.weights import weight_distance
 from test_train import ROOT, TINY, snapshot
 
-SMALL = dict(checkpoints=4, domains=3, n=40, d=16)
+SMALL = dict(checkpoints=4, domains=3, n=40, d=16, weights=True)
 
 
 def by_hand_ci(values):
@@ -46,7 +51,7 @@ def study(tmp_path_factory):
 def test_study_numbers_equal_the_per_seed_analyses_by_hand(study):
     root, st, per_seed = study
     assert json.loads((root / "analysis" / "analysis.json").read_text()) == st
-    assert st["schema"] == "geomlab.study/1" and st["seeds"] == [0, 1, 2] and st["note"] is None
+    assert st["schema"] == "geomlab.study/2" and st["seeds"] == [0, 1, 2] and st["note"] is None
     assert [r["analysis"] for r in st["runs"]] == ["seed0/analysis.json", "seed1/analysis.json", "seed2/analysis.json"]
     for name in ("finetune", "modx", "joint"):
         h = st["headline"][name]
@@ -94,6 +99,17 @@ def test_paired_comparison_against_finetune(study):
         assert c["n"] == 3 and c["mean_difference"] == pytest.approx(mean, abs=1e-12)
         assert c["ci"] == pytest.approx(ci, abs=1e-12)
         assert c["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
+    # Holm across the strategies compared, within each metric: statsmodels on the raw p-values
+    from statsmodels.stats.multitest import multipletests
+    assert "Holm" in cmp["correction"]
+    for key in COMPARED:
+        raw = [cmp["rows"][s][key]["p_value"] for s in ("modx", "joint")]
+        if None in raw:
+            continue
+        adjusted = multipletests(raw, method="holm")[1]
+        for s, q in zip(("modx", "joint"), adjusted):
+            c = cmp["rows"][s][key]
+            assert c["p_holm"] == pytest.approx(q, rel=1e-12) and c["holm_family"] == 2
 
 
 def test_geometry_against_forgetting_spearman(study):
@@ -108,9 +124,81 @@ def test_geometry_against_forgetting_spearman(study):
             y.append(series["accuracy"]["forgetting"][0])
     r = g["spearman"]["vs_base.rigid_share_image"]
     ref = stats.spearmanr(x, y)
-    assert r["n"] == 9 and r["rho"] == pytest.approx(ref.statistic, abs=1e-12)
-    assert r["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
-    assert r["ci"][0] <= r["rho"] <= r["ci"][1] and r["seed"] == st["settings"]["bootstrap_seed"]
+    assert r["n"] == 9 and r["clusters"] == 3 and r["rho"] == pytest.approx(ref.statistic, abs=1e-12)
+    # 9 points: the exact permutation p, here from scipy with its own Spearman statistic
+    ry = stats.rankdata(y)
+    exact = stats.permutation_test((stats.rankdata(x),), lambda u, axis=-1: stats.pearsonr(u, ry, axis=axis).statistic,
+                                   permutation_type="pairings", n_resamples=np.inf, vectorized=True)
+    assert "exact permutation" in r["p_method"] and r["p_value"] == pytest.approx(exact.pvalue, rel=1e-9)
+    # three strategies: too few clusters for a cluster bootstrap, and too few strategy means for any ρ
+    assert r["ci"] is None and "3 clusters" in r["reason"] and r["seed"] == st["settings"]["bootstrap_seed"]
+    assert all(m["rho"] is None and "3 points" in m["reason"] for m in g["strategy_means"].values())
+    assert g["measures"] == list(CORRELATED) and g["control"] == "weight_distance"
+    assert set(g["partial"]) == set(GEOMETRY_VS_FORGETTING)
+    # the partial correlation given the weight distance, by its closed form on the ranks
+    z = [p["weight_distance"] for p in g["points"]]
+    rx, ry, rz = (stats.rankdata(v) for v in (x, y, z))
+    rxy, rxz, ryz = (np.corrcoef(a, b)[0, 1] for a, b in ((rx, ry), (rx, rz), (ry, rz)))
+    part = g["partial"]["vs_base.rigid_share_image"]
+    if part["rho"] is not None:
+        assert part["rho"] == pytest.approx((rxy - rxz * ryz) / np.sqrt((1 - rxz ** 2) * (1 - ryz ** 2)), abs=1e-9)
+
+
+def test_weight_distance_per_checkpoint_and_in_the_headline(study):
+    root, st, per_seed = study
+    for s in (0, 1):
+        series = per_seed[s]["strategies"]["modx"]
+        base = load_checkpoint(root / f"seed{s}" / "base" / "checkpoints" / "phase0_step000100.pt")["state_dict"]
+        last = sorted((root / f"seed{s}" / "modx" / "checkpoints").glob("*.pt"))[-1]
+        by_hand = weight_distance(load_checkpoint(last)["state_dict"], base)
+        assert series["weight_distance"][0] == 0.0
+        assert series["weight_distance"][-1] == pytest.approx(by_hand, rel=1e-12)
+        assert len(series["weight_distance"]) == len(series["checkpoints"])
+        assert st["headline"]["modx"]["weight_distance"]["values"][s] == series["weight_distance"][-1]
+    # methods that move less (the synthetic strategies move less in order) have the smaller distance
+    means = [st["headline"][n]["weight_distance"]["mean"] for n in ("finetune", "modx", "joint")]
+    assert means == sorted(means, reverse=True)
+    band = st["curves"]["modx"]["weight_distance"]
+    assert band["mean"][0] == 0.0 and band["ci"][0] is None and band["all_equal"][0]  # the base: all seeds equal
+    # within each strategy: every (seed, checkpoint) but the base, against the domain-0 R@1 drop
+    w = st["within_strategy"]
+    assert w["drop"] == "domain0_r1_drop" and set(w["rows"]) == {"finetune", "modx", "joint"}
+    r = w["rows"]["finetune"]["weight_distance"]
+    assert r["n"] == 9 and r["clusters"] == 3 and r["rho"] is not None
+
+
+def test_stores_and_the_console_summary(study):
+    _, st, _ = study
+    from geomlab.strategies import STRATEGIES
+    assert st["stores"] == {n: STRATEGIES[n].stores for n in ("finetune", "modx", "joint")}
+    text = summary(st)
+    print(text)
+    for n in ("finetune", "modx", "joint"):
+        assert f"stores: {STRATEGIES[n].stores}" in text
+    assert "Holm" in text and "weight distance" in text and "within each strategy" in text
+    assert "p 0 " not in text and "± 0.000" not in text
+    # a number some seeds lack shows its n; seeds that all agree say so, with no interval
+    doctored = json.loads(json.dumps(st))
+    doctored["headline"]["modx"]["last"] = {**mean_ci([0.5, None, 0.7]), "values": [0.5, None, 0.7]}
+    doctored["headline"]["joint"]["last"] = {**mean_ci([0.6, 0.6, 0.6]), "values": [0.6, 0.6, 0.6]}
+    doctored["comparison"]["rows"]["modx"]["last"].update(all_equal=True, ci=None, p_value=None, p_holm=None)
+    text = summary(doctored)
+    lines = {line.split()[0]: line for line in text.splitlines()[1:4]}
+    assert "Last 0.600 ± " in lines["modx"] and "(n = 2)" in lines["modx"].split("Avg")[0]
+    assert "Last 0.600 (all seeds equal)  Avg" in lines["joint"] and "(n = " not in lines["joint"]
+    last_line = next(line for line in text.splitlines() if "Last − finetune" in line)
+    assert "modx +" in last_line and "(all seeds equal)" in last_line
+
+
+def test_captions_do_not_call_two_seed_intervals_evidence(study):
+    _, st, _ = study
+    captions = {sid: caption for sid, _, _, caption in study_figures(st)}
+    assert "not evidence" in captions["geometry-forgetting"]  # three strategies: descriptive only
+    assert "excludes 0 says" not in captions["geometry-forgetting"]
+    two = {**st, "seeds": [0, 1]}
+    for sid, caption in ((sid, c) for sid, _, _, c in study_figures(two)):
+        if "interval" in caption or "CI" in caption:
+            assert "not evidence" in caption, sid
 
 
 def test_several_runs_given_together_are_one_study(study, tmp_path, capsys):

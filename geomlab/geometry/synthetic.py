@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from geomlab.config import dumps, resolve
-from geomlab.io import atomic_write_json
+from geomlab.io import atomic_torch_save, atomic_write_json
 from geomlab.rundir import RunDir, checkpoint_stem
 from geomlab.traces import DomainEmbeddings, Trace, write_trace
 
@@ -27,14 +27,16 @@ def small_rotation(d: int, angle: float, gen: torch.Generator) -> torch.Tensor:
 
 
 def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints: int = 12, domains: int = 5,
-                  n: int = 500, d: int = 64, seed: int = 0, captions_per_image: int = 1) -> Path:
+                  n: int = 500, d: int = 64, seed: int = 0, captions_per_image: int = 1, weights: bool = False) -> Path:
     """Write runs/NAME-like `root`: run.json and traces for base (phase 0) and each strategy.
 
     A strategy has `checkpoints` checkpoints in all, counting the shared base phase-0 end one:
     phases 1..domains-1, spread evenly; probe set k is learned at phase k. With `captions_per_image`
     > 1 the traces carry `caption_image`. Each checkpoint also gets its metrics.jsonl "eval" row:
     retrieval from its trace and, standing in for a zero-shot set "domainK/i2t" per probe set,
-    that probe set's image→text R@1. Returns `root`.
+    that probe set's image→text R@1. With `weights`, each checkpoint also gets a small .pt file (a
+    state dict that drifts step by step, less for later strategies, from its own generator: the
+    traces are the same either way), so that the weight distance from the base exists. Returns `root`.
     """
     run = RunDir(root)
     gen = torch.Generator().manual_seed(seed)
@@ -46,13 +48,20 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
         txt = F.normalize(rep + 0.35 * torch.randn(rep.shape, generator=gen, dtype=torch.float64), dim=1)
         base[name] = (img, txt, torch.arange(n, dtype=torch.int64) + 10_000 * len(base))
     caption_image = torch.arange(n).repeat_interleave(captions_per_image) if captions_per_image > 1 else None
+    wgen = torch.Generator().manual_seed(seed + 1_000_003)
+    base_weights = {"visual.proj": torch.randn(d, d, generator=wgen), "text.proj": torch.randn(d, d, generator=wgen),
+                    "logit_scale": torch.tensor(2.6593), "positions": torch.arange(8)}
 
     def trace(state, phase, step):
         return Trace(domains={k: DomainEmbeddings(v[0].float(), v[1].float(), v[2],
                                                  None if caption_image is None else caption_image.clone())
                               for k, v in state.items()}, phase=phase, step=step, model="geomlab-tiny")
 
-    def save(strategy_dir, state, phase, step, phase_end):
+    def save(strategy_dir, state, phase, step, phase_end, w=None):
+        if weights:
+            atomic_torch_save(run.checkpoint_path(strategy_dir, phase, step), {
+                "state_dict": w if w is not None else base_weights, "name": "geomlab-tiny", "phase": phase,
+                "step": step, "strategy": strategy_dir, "phase_end": phase_end, "epoch": phase})
         t = trace(state, phase, step)
         write_trace(run.trace_path(strategy_dir, phase, step), t)
         retrieval = {k: retrieval_metrics(e.image, e.text, e.caption_image) for k, e in t.domains.items()}
@@ -68,6 +77,7 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
     for si, strategy in enumerate(strategies):
         scale = 1.0 / (1 + si)  # later strategies move less
         state = {k: (v[0].clone(), v[1].clone(), v[2]) for k, v in base.items()}
+        w = dict(base_weights)
         for p, count in enumerate(per_phase, 1):
             for c in range(1, count + 1):
                 new = {}
@@ -79,7 +89,9 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
                     txt = F.normalize(txt @ rt + noise * torch.randn(txt.shape, generator=gen, dtype=torch.float64), dim=1)
                     new[k] = (img, txt, ids)
                 state = new
-                save(strategy, state, p, 50 * c, c == count)
+                w = {k: v + 0.02 * scale * torch.randn(v.shape, generator=wgen) if v.is_floating_point() else v
+                     for k, v in w.items()}
+                save(strategy, state, p, 50 * c, c == count, w)
         completed[strategy] = list(range(1, phases + 1))
     info = {"strategies": list(strategies), "phases": names, "probes": names, "completed": completed, "seed": seed,
             "device": "cpu", "model": "geomlab-tiny", "versions": {},
