@@ -32,12 +32,14 @@ from geomlab.figures.summary import format_number as _fmt
 from geomlab.geometry import (accuracy_matrix, continual_metrics, learned_at, metrics_from_ranks, modality_gap,
                               spatial_disorder)
 from geomlab.geometry.checks import check_rows
+from geomlab.geometry.forgetting import exact_mean
 from geomlab.geometry.sphere import SPHERE_SAMPLES, SphereProjection
 from geomlab.io import atomic_write_text
 from geomlab.models import check_model_name
 from geomlab.rundir import ANALYSIS, Source, discover, discover_seeds, is_multi_seed, seed_dir
 from geomlab.runtime import DEVICES, cpu_workers, map_threads, resolve_device, single_threaded
 from geomlab.study import aggregate, summary
+from geomlab.weights import WeightDistances
 
 SCHEMA_VERSION = "geomlab.analysis/2"
 
@@ -76,6 +78,10 @@ def analyze(ckpt_dir, *, out=None, model: str | None = None, probe: str | None =
     probes = Probes(probe, source.config_path)
     traces = load_traces(source, Embedder(out / "cache", probes, model, resolve_device(device)), quiet=quiet)
     result = _analysis(source, traces, captions=probes.captions(), exact_limit=exact_limit, quiet=quiet)
+    distances = WeightDistances(out / "cache")  # from the .pt files, cached (geomlab.weights)
+    for name, cks in source.series.items():
+        result["strategies"][name]["weight_distance"] = distances.series(cks)
+    distances.save()
     result["seconds"] = round(time.time() - t0, 2)
     report_path = _write(result, out, report)
     if not quiet:
@@ -211,7 +217,8 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
 
         sphere = SphereProjection.fit(first)
         learned, evaluations = _learned(source, domains), source.evaluations()
-        series = {name: _series(source, cks, traces, per_ckpt, done, sphere, domains, learned, evaluations)
+        kinds = _kinds(source, domains, captions)
+        series = {name: _series(source, cks, traces, per_ckpt, done, sphere, domains, learned, evaluations, kinds)
                   for name, cks in source.series.items()}
 
     return _jsonable({
@@ -239,11 +246,27 @@ def _learned(source: Source, domains: list) -> list | None:
 def _probes_learned_at(A, domains: list, learned: list | None, t: int) -> dict | None:
     """{"probes": the probe sets learned at phase t, "r1": their mean final-row R@1}; None when none is."""
     cols = [p for p, tp in enumerate(learned or []) if tp == t]
-    return {"probes": [domains[p] for p in cols], "r1": float(A[-1, cols].mean())} if cols else None
+    return {"probes": [domains[p] for p in cols], "r1": exact_mean(A[-1, cols].tolist())} if cols else None
+
+
+def _kinds(source: Source, domains: list, probes: dict) -> list:
+    """Each probe set's kind, "seen" or "novel" (its captions held out of training): from run.json's
+    probe_kinds, else from the probe sets known (`--probe`, the run's config), else "seen"."""
+    kinds = source.run_info.get("probe_kinds")
+    kinds = kinds if isinstance(kinds, dict) else {n: getattr(p, "kind", "seen") for n, p in probes.items()}
+    return ["novel" if kinds.get(d) == "novel" else "seen" for d in domains]
+
+
+def _metrics_on(A, domains: list, learned: list | None, cols: list, T: int) -> dict:
+    """Last, Avg, BWT, Transfer, forgetting, mean forgetting, "domain0" and "last_domain" of the
+    probe sets `cols` alone (columns of A)."""
+    names, sub = [domains[p] for p in cols], None if learned is None else [learned[p] for p in cols]
+    return {**continual_metrics(A[:, cols], sub), "domain0": _probes_learned_at(A[:, cols], names, sub, 0),
+            "last_domain": _probes_learned_at(A[:, cols], names, sub, T)}
 
 
 def _series(source: Source, cks: list, traces: dict, per_ckpt: dict, done: dict, sphere: SphereProjection,
-            domains: list, learned: list | None, evaluations: dict) -> dict:
+            domains: list, learned: list | None, evaluations: dict, kinds: list | None = None) -> dict:
     """One strategy's entry of analysis.json: its checkpoints, per-checkpoint measures, pairs, accuracy
     and the trainer's zero-shot accuracies."""
     entry = {"checkpoints": [], "retrieval": [], "modality_gap": [], "vs_base": [None], "vs_previous": [None],
@@ -266,12 +289,19 @@ def _series(source: Source, cks: list, traces: dict, per_ckpt: dict, done: dict,
     # the mapping speaks of phases: it applies when row t is the end of phase t
     if [cks[k].phase for k in rows] != list(range(len(rows))):
         learned = None
+    # the headline metrics on the seen probe sets; the same on the novel ones (captions held out of
+    # training, docs/definitions.md "Held-out combinations") under "novel"; forgetting: every probe set
+    novel = [p for p, k in enumerate(kinds or []) if k == "novel"]
+    seen = [p for p in range(len(domains)) if p not in novel] or list(range(len(domains)))
     entry["accuracy"] = {
         "rows": [cks[k].label for k in rows], "row_checkpoints": rows, "domains": domains, "matrix": A,
-        "learned_at": learned, **continual_metrics(A, learned),
-        "domain0": _probes_learned_at(A, domains, learned, 0),
-        "last_domain": _probes_learned_at(A, domains, learned, len(rows) - 1),
+        "learned_at": learned, **_metrics_on(A, domains, learned, seen, len(rows) - 1),
     }
+    entry["accuracy"]["forgetting"] = continual_metrics(A, learned)["forgetting"]
+    if novel:
+        m = _metrics_on(A, domains, learned, novel, len(rows) - 1)
+        del m["forgetting"]
+        entry["accuracy"]["novel"] = {"probes": [domains[p] for p in novel], **m}
     entry["zeroshot"] = [evaluations.get(c.key, {}).get("zeroshot") for c in cks]
     return entry
 
@@ -308,6 +338,11 @@ def print_summary(result: dict, out: Path, report: Path | None) -> None:
                      f"  desync {_fmt(g['desync'], '.1f')}°"
                      f"  AUC(Δφ→forgot) {_fmt(g['auc_alignment_drift'], '.2f')}")
         print(line)
+        n = h.get("novel")
+        if n:  # the same on the novel probe sets (captions held out of training)
+            print(f"  {'  novel':<12} Last {_fmt(n['last'])}  Avg {_fmt(n['avg'])}  BWT {_fmt(n['bwt'], '+.3f')}"
+                  f"  forgetting {_fmt(n['mean_forgetting'])}  Transfer {_fmt(n['transfer'])}"
+                  f"  domain-0 R@1 {_fmt(n['domain0_r1'])} (seen {_fmt(h['domain0_r1'])})")
     print(f"analysis: {out / 'analysis.json'}")
     if report is not None:
         print(f"report: {report}")

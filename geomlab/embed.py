@@ -110,7 +110,8 @@ class Probes:
                     opts = cfg["data"].get("shapes", {})
                     # image_size 8: only the captions are wanted, and they do not depend on it
                     sets = shapes.probe_sets(seed=int(opts.get("seed", cfg["run"]["seed"])), image_size=8,
-                                             probe_size=cfg["data"]["probe_size"], domains=opts.get("domains", 5))
+                                             probe_size=cfg["data"]["probe_size"], domains=opts.get("domains", 5),
+                                             novel_share=opts.get("novel_share", shapes.NOVEL_SHARE))
                     return {p.name: p for p in sets}
         except Exception:  # noqa: BLE001 - captions only label hover text; ids are shown otherwise
             return {}

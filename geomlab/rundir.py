@@ -439,6 +439,8 @@ class RunDir:
             "probes": [p.name for p in trainer.stream.probes], "stream": trainer.stream.info,
             # which phases train on each probe set's data: the accuracy matrix's mapping
             "probe_phases": {p.name: list(p.phases) for p in trainer.stream.probes},
+            # "seen" or "novel" (captions held out of training): the analyser reports them apart
+            "probe_kinds": {p.name: p.kind for p in trainer.stream.probes},
             "versions": {"geomlab": version, "torch": torch.__version__, "open_clip": open_clip.__version__,
                          "python": platform.python_version()},
             "command": " ".join(sys.argv),
@@ -534,9 +536,10 @@ class RunDir:
         base = self.accuracy_rows("base").get(0, {})
         probes = list(base)
         lines = [f"run: {self.root}", "mean R@1 (image→text, text→image) per probe set after each phase:",
-                 "  " + " ".join(f"{'':14s}") + " ".join(f"{p[:8]:>8s}" for p in probes)]
-        lines.append(f"  {'base p0':14s} " + " ".join(f"{base[p]:8.3f}" for p in probes))
+                 f"  {'':14s} " + " ".join(f"{p:>{max(8, len(p))}s}" for p in probes)]
+        lines.append(f"  {'base p0':14s} " + " ".join(f"{base[p]:{max(8, len(p))}.3f}" for p in probes))
         for s in config["run"]["strategies"]:
             for phase, row in sorted(self.accuracy_rows(s).items()):
-                lines.append(f"  {s + ' p' + str(phase):14s} " + " ".join(f"{row[p]:8.3f}" for p in probes))
+                lines.append(f"  {s + ' p' + str(phase):14s} "
+                             + " ".join(f"{row[p]:{max(8, len(p))}.3f}" for p in probes))
         return "\n".join(lines)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 import geomlab  # noqa: F401  (registers geomlab-tiny)
 from geomlab import geometry as G
-from geomlab.analyze import analyze, main
+from geomlab.analyze import analyze, main, print_summary
+from geomlab.figures import headline_numbers
 from geomlab.data import shapes
 from geomlab.geometry.synthetic import synthetic_run
 from geomlab.io import atomic_torch_save
@@ -128,6 +129,7 @@ def test_run_directory(run_dir, run_analysis):
             assert s["modality_gap"][k][d] == pytest.approx(gap.item(), rel=1e-9)
     # the accuracy matrix: mean R@1 at the base phase end, then at each phase end
     acc = s["accuracy"]
+    assert "novel" not in acc  # no novel probe sets: every number as before
     A = accuracy_from_traces([paths[k] for k in ends], a["domains"])
     assert acc["rows"] == [s["checkpoints"][k]["label"] for k in ends] and acc["row_checkpoints"] == ends
     assert np.allclose(acc["matrix"], A, atol=1e-6)
@@ -252,7 +254,10 @@ def test_plain_directory_of_open_clip_checkpoints(tmp_path):
     A = [[mean_r1(t.domains[d]) for d in a["domains"]] for t in cached]
     acc = s["accuracy"]
     assert acc["rows"] == ["epoch_1", "epoch_2", "epoch_10"] and np.allclose(acc["matrix"], A, atol=1e-6)
-    assert acc["last"] == pytest.approx(np.mean(A[-1]), abs=1e-6) and acc["learned_at"] is None
+    assert acc["last"] == pytest.approx(np.mean(A[-1][0::2]), abs=1e-6) and acc["learned_at"] is None
+    # --probe shapes: seen and novel probe sets (their kinds from the probe sets themselves)
+    assert acc["novel"]["probes"] == a["domains"][1::2] == [p.name for p in probes if p.kind == "novel"]
+    assert acc["novel"]["last"] == pytest.approx(np.mean(A[-1][1::2]), abs=1e-6)
     assert [acc[k] for k in ("avg", "bwt", "transfer", "mean_forgetting", "domain0", "last_domain")] == [None] * 6
     # hover captions: the probe set's caption of each sampled pair
     d0 = probes[0]
@@ -277,8 +282,11 @@ def test_run_without_traces_embeds_checkpoints(tmp_path):
         atomic_torch_save(run.checkpoint_path(strategy_dir, phase, 10),
                           {"state_dict": tiny_state(seed), "name": "geomlab-tiny", "phase": phase, "step": 10,
                            "strategy": strategy_dir, "phase_end": True, "epoch": phase})
+    names = ["d0_basic", "d0_basic/novel", "d1_neon", "d1_neon/novel"]  # as the trainer writes run.json
     (root / "run.json").write_text(json.dumps({"strategies": ["finetune"], "completed": {"base": [0], "finetune": [1, 2]},
-                                               "probe_phases": {"d0_basic": [0], "d1_neon": [1]}}))
+                                               "probe_phases": {n: [int(n[1])] for n in names},
+                                               "probe_kinds": {n: n.endswith("/novel") and "novel" or "seen"
+                                                               for n in names}}))
     before = tree_digest(root)
     assert main([str(root), "-q", "--no-report"]) == 0
     a = json.loads((root / "analysis" / "analysis.json").read_text())
@@ -294,7 +302,27 @@ def test_run_without_traces_embeds_checkpoints(tmp_path):
               for c in s["checkpoints"]]
     A = accuracy_from_traces(cached, a["domains"])
     assert np.allclose(s["accuracy"]["matrix"], A, atol=1e-6)
-    assert s["accuracy"]["bwt"] == pytest.approx(bwt_of(A), abs=1e-6)
+    # the headline numbers on the seen probe sets (columns 0, 2); the same on the novel ones (1, 3)
+    assert a["domains"] == names
+    acc, T = s["accuracy"], len(A) - 1
+    for got, (c0, c1) in ((acc, (0, 2)), (acc["novel"], (1, 3))):
+        assert got["last"] == pytest.approx((A[T][c0] + A[T][c1]) / 2, abs=1e-6)
+        assert got["bwt"] == pytest.approx((A[T][c0] - A[0][c0] + A[T][c1] - A[1][c1]) / 2, abs=1e-6)
+        assert got["avg"] == pytest.approx((A[0][c0] + (A[1][c0] + A[1][c1]) / 2 + (A[2][c0] + A[2][c1]) / 2) / 3,
+                                           abs=1e-6)
+        assert got["transfer"] == pytest.approx(A[0][c1], abs=1e-6)
+        assert got["domain0"] == {"probes": [names[c0]], "r1": pytest.approx(A[T][c0], abs=1e-6)}
+        assert got["last_domain"] is None  # no probe set is learned at phase 2
+    assert acc["novel"]["probes"] == ["d0_basic/novel", "d1_neon/novel"] and len(acc["forgetting"]) == 4
+    h = headline_numbers(a)["finetune"]
+    assert h["geometry_probe"] == "d0_basic" and h["novel"]["geometry_probe"] == "d0_basic/novel"
+    assert h["domain0_r1"] == acc["domain0"]["r1"] and h["novel"]["domain0_r1"] == acc["novel"]["domain0"]["r1"]
+    assert h["novel"]["domain0_forgetting"] == acc["forgetting"][1]
+    assert h["novel"]["vs_base"]["rotation_image"] == s["vs_base"][-1]["d0_basic/novel"]["rotation"]["image"]["mean"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_summary(a, root / "analysis", None)
+    assert f"    novel      Last {acc['novel']['last']:.3f}  Avg {acc['novel']['avg']:.3f}" in out.getvalue()
     assert tree_digest(root) == before
     assert not list(root.glob("*/traces"))  # embeddings are cached under analysis/, never beside checkpoints
 

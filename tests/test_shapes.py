@@ -30,7 +30,7 @@ def test_deterministic_and_order_independent():
 def test_splits_disjoint_and_ids_unique():
     ids = []
     for d in range(len(S.DOMAINS)):
-        for split in ("train", "probe"):
+        for split in ("train", "probe", "novel"):
             ids.append(S.sample_ids(d, split, np.arange(1000)))
     ids = np.concatenate(ids)
     assert ids.dtype == np.int64 and len(np.unique(ids)) == len(ids)
@@ -113,11 +113,20 @@ def test_sizes(size):
 def test_build_stream_structure():
     st = build_stream("shapes", {"probe_size": 50, "shapes": {"domains": 5, "train_size": 64}},
                       image_size=32, preprocess=None, seed=0)
-    assert isinstance(st, Stream) and len(st.phases) == 5 and len(st.probes) == 5
-    assert [p.name for p in st.phases] == [p.name for p in st.probes] == [d.name for d in S.DOMAINS]
+    assert isinstance(st, Stream) and len(st.phases) == 5 and len(st.probes) == 10
+    # per domain in stream order its seen probe set, then its novel one; both measure phase d
+    seen, novel = st.probes[0::2], st.probes[1::2]
+    assert [p.name for p in st.phases] == [p.name for p in seen] == [d.name for d in S.DOMAINS]
+    assert [p.name for p in novel] == [f"{d.name}/novel" for d in S.DOMAINS]
+    assert [p.kind for p in seen] == ["seen"] * 5 and [p.kind for p in novel] == ["novel"] * 5
+    assert [p.phases for p in seen] == [p.phases for p in novel] == [(d,) for d in range(5)]
+    assert [z.probe for z in st.zeroshot] == [p.name for p in seen for _ in range(2)]  # seen probes only
     assert st.info["stream"] == "shapes" and st.info["train_size"] == 64
+    assert st.info["version"] == S.VERSION == 2 and st.info["novel_share"] == 0.25 and st.info["held_out"] == 216
     all_ids = []
-    for d, (ph, pr) in enumerate(zip(st.phases, st.probes)):
+    for d, (ph, pr, nv) in enumerate(zip(st.phases, seen, novel)):
+        assert len(nv.ids) == 50 and nv.ids[0].item() == d * 10 ** 9 + 3 * 10 ** 8
+        all_ids += nv.ids.tolist()
         assert len(ph.train) == 64
         img, cap, sid = ph.train[5]
         assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and isinstance(cap, str)
@@ -155,6 +164,70 @@ def test_build_stream_defaults_and_errors():
         build_stream("shapes", {"shapes": {"domians": 2}}, image_size=16, preprocess=None, seed=0)
     with pytest.raises(ValueError):
         S.render(0, "test", [0], 32)
+    # a probe larger than the 216 held-out combinations would repeat novel captions: refused
+    with pytest.raises(ValueError, match="217 exceeds the 216 held-out"):
+        build_stream("shapes", {"probe_size": 217, "shapes": {"domains": 1, "train_size": 8}}, image_size=16,
+                     preprocess=None, seed=0)
+    for share in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match="novel_share"):
+            build_stream("shapes", {"shapes": {"domains": 1, "train_size": 8, "novel_share": share}}, image_size=16,
+                         preprocess=None, seed=0)
+    with pytest.raises(ValueError, match="exceeds the 216 combinations per domain left for training"):
+        S.probe_sets(probe_size=217, domains=1, novel_share=0.75)
+
+
+def _combos(domain, split, n, seed=0, share=S.NOVEL_SHARE):
+    at = S.attributes(domain, split, np.arange(n), seed, share)
+    return set(zip(*(at[k].tolist() for k in ("shape", "colour", "size", "pos", "bg"))))
+
+
+@pytest.mark.parametrize("domain", range(5))
+def test_novel_probe_combinations_never_trained_on(domain):
+    """The novel probe's attribute combinations (so its captions) occur in no train split nor in
+    the seen probe of its domain; every attribute value still occurs in training."""
+    d = S.DOMAINS[domain]
+    held = S.held_out(domain, seed=0)
+    assert len(held) == S.n_held_out() == 216 and len(np.unique(held)) == 216
+    novel = _combos(domain, "novel", 200)
+    train, probe = _combos(domain, "train", 4000), _combos(domain, "probe", 200)
+    assert len(novel) == 200 and len(probe) == 200       # no caption repeats within a probe set
+    assert not novel & train and not novel & probe
+    assert len(train) == 864 - 216                        # 4000 pairs cover every seen combination
+    assert novel <= set(map(tuple, np.stack(list(S._attribute_values(d, held).values()), 1).tolist()))
+    caps = S.captions_for(domain, S.attributes(domain, "train", np.arange(4000), 0))
+    ncaps = S.captions_for(domain, S.attributes(domain, "novel", np.arange(200), 0))
+    assert not set(ncaps) & set(caps)
+    # every attribute value occurs in training, and about as often as before (quota per value)
+    at = S.attributes(domain, "train", np.arange(4000), seed=0)
+    for key, n in (("shape", 4), ("colour", 4), ("size", 2), ("pos", 9), ("bg", 3)):
+        counts = np.bincount(at[key], minlength=n)
+        assert len(counts) == n and counts.min() > 0.9 * 4000 / n, (key, counts)
+
+
+def test_held_out_is_a_function_of_seed_and_domain():
+    a = S.held_out(2, seed=5)
+    assert np.array_equal(a, S.held_out(2, seed=5)) and not np.array_equal(a, S.held_out(2, seed=6))
+    assert not np.array_equal(a, S.held_out(3, seed=5))
+    # the pools partition the combinations; the seen ones are shared by train, probe and reference
+    pool = S.combination_pool(2, "train", seed=5)
+    assert np.array_equal(pool, S.combination_pool(2, "probe", seed=5))
+    assert np.array_equal(pool, S.combination_pool(2, "reference", seed=5))
+    assert np.array_equal(np.sort(np.concatenate([pool, a])), np.arange(864))
+    assert np.array_equal(S.combination_pool(2, "novel", seed=5), a)
+    # sampling stays deterministic and order independent per (seed, domain, split, index)
+    big, cbig = S.render(2, "novel", np.arange(300), 16, seed=5)
+    idx = np.array([299, 3, 216, 0])
+    sub, csub = S.render(2, "novel", idx, 16, seed=5)
+    assert np.array_equal(sub, big[idx]) and csub == [cbig[i] for i in idx]
+    # even a large share keeps every attribute value in training
+    for share in (0.5, 0.9, 0.98):
+        rest = S._attribute_values(S.DOMAINS[0], S.combination_pool(0, "train", 0, share))
+        assert len(rest["shape"]) == 864 - S.n_held_out(share)
+        assert all(len(np.unique(v)) == n for v, n in zip(rest.values(), (4, 4, 2, 9, 3)))
+    # novel_share 0: nothing held out, no novel probes, the data of VERSION 1
+    st = build_stream("shapes", {"probe_size": 20, "shapes": {"domains": 2, "train_size": 8, "novel_share": 0}},
+                      image_size=16, preprocess=None, seed=0)
+    assert [p.name for p in st.probes] == ["d0_basic", "d1_neon"] and len(S.held_out(0, 0, 0.0)) == 0
 
 
 def test_preview_cli(tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_event_files_hold_the_metrics_of_every_strategy_and_seed(tmp_path):
             assert [s for s, _ in got] == [s for s, _ in want], (strategy_dir, k)
             assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6, abs=1e-7), (strategy_dir, k)
         probes = list(eval_rows[0]["retrieval"])
-        assert len(probes) == 2
+        assert len(probes) == 4  # two domains, each a seen and a novel probe set ("d0_basic/novel")
         for probe in probes:
             for k in ("image_to_text_R@1", "text_to_image_R@1"):
                 assert f"{probe}/{k}" in tags

@@ -51,7 +51,7 @@ def shapes_stream():
 def test_shapeworld_sets_label_each_probe_image_by_its_caption(shapes_stream):
     sets = {z.name: z for z in shapes_stream.zeroshot}
     assert list(sets) == ["d0_basic/shape", "d0_basic/colour", "d1_neon/shape", "d1_neon/colour"]
-    for probe in shapes_stream.probes:
+    for probe in (p for p in shapes_stream.probes if p.kind == "seen"):  # none on the novel probes
         d = next(d for d in DOMAINS if d.name == probe.name)
         for task, classes in (("shape", d.shape_names), ("colour", d.colour_names)):
             z = sets[f"{probe.name}/{task}"]

@@ -48,6 +48,9 @@ class ProbeSet:
     # The phases that train on the data this probe set measures (its source's phases); it is learned
     # at the last of them. () = no phase trains on it (docs/definitions.md, "Accuracy matrix").
     phases: tuple[int, ...] = ()
+    # "seen": its captions (ShapeWorld: attribute combinations) also occur in training; "novel": held
+    # out of every train split (docs/definitions.md, "Held-out combinations"). Recorded in run.json.
+    kind: str = "seen"
 
     @property
     def one_caption_per_image(self) -> bool:
@@ -75,7 +78,11 @@ class Stream:
     skipped: list = field(default_factory=list)  # bad records skipped under on_bad_sample="skip"
     zeroshot: list[ZeroShotSet] = field(default_factory=list)  # evaluated at every checkpoint
     reference: Dataset | None = None  # pairs (items as Phase.train's) held out from every phase and
-                                      # probe set: distillation data for a strategy (ZSCL)
+                                      # probe set: distillation data for a strategy (ZSCL: its images)
+    # ZSCL's reference text pool: sentences no probe set holds, scored against the reference images
+    # (ShapeWorld: captions of other reference samples, unpaired with the images; real data: the
+    # reference sources' distinct captions)
+    reference_texts: list[str] = field(default_factory=list)
 
 
 # name -> builder(data_config: dict, *, image_size: int, preprocess, seed: int) -> Stream

@@ -28,7 +28,9 @@ the phase of its own key value); without `measures` no phase trains on it. `layo
 and probe sets from the config alone. Zero-shot sources (role = "zeroshot", format = "imagefolder":
 one sub-folder per class) are classified at every checkpoint (geomlab.zeroshot).
 Reference sources (role = "reference") pool into the stream's reference set, pairs held out from
-every train and probe source (ZSCL distils on it).
+every train and probe source (ZSCL distils on it): an image shared with a train or probe source, or a
+caption shared with a probe set, is refused. Their distinct captions, in source order, are the
+stream's reference text pool (Stream.reference_texts, ZSCL's sentences).
 Phase 0 (the first phase) trains the base model.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ from torch.utils.data import ConcatDataset
 
 from . import DataError, Phase, ProbeSet, Stream, register_stream
 from ..runtime import cpu_workers
-from ..zeroshot import imagefolder_set
+from .imagefolder import imagefolder_set
 from .readers import (SOURCE_STRIDE, Bad, PairDataset, load_probe_images, probe_parts, read_coco, read_csv,
                       read_karpathy, read_wds, resolve_transforms, verify_records)
 
@@ -205,6 +207,7 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
     bad = Bad(policy)
     phases, probes, zeroshot, info_sources, references = [], [], [], [], []
     train_images, probe_images, reference_images, parts_of = {}, {}, {}, {}
+    probe_captions, reference_captions = {}, {}  # caption -> the (first) source holding it
     for si, src in enumerate(sources):
         if src["role"] == "zeroshot":
             zs, records = imagefolder_set(src, _path(root, src["path"]), tf["val"], bad, verify or policy == "skip")
@@ -222,6 +225,9 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
         if src["role"] == "reference":  # one reference set of every such source's pairs (ZSCL)
             references.append(PairDataset(records, tf["val"], source=src["name"], captions=captions))
             reference_images.update({os.path.normpath(r.where()): src["name"] for r in records})
+            for r in records:
+                for caption in r.captions:
+                    reference_captions.setdefault(caption, src["name"])
             how = {"split": "none"}
         elif src["role"] == "train":
             parts, how = split_records(records, src, seed, si)
@@ -245,6 +251,8 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
                 caps, owner, ids = probe_parts(recs)
                 probes.append(ProbeSet(name=pname, images=images, captions=caps, caption_image=owner, ids=ids))
                 probe_images.update({os.path.normpath(r.where()): src["name"] for r in recs})
+                for caption in caps:
+                    probe_captions.setdefault(caption, src["name"])
         info_sources.append({"name": src["name"], "format": src["format"], "role": src["role"],
                              "path": str(_path(root, src["path"])) if src["format"] != "wds" else src["path"],
                              "images": len(records), "captions": sum(len(r.captions) for r in records), **how})
@@ -261,6 +269,11 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
             raise DataError(f"{overlap[0]}: image is in both reference source {reference_images[overlap[0]]!r} "
                             f"and {held} source {other[overlap[0]]!r} ({len(overlap)} shared); the reference "
                             "set must be held out")
+    shared = [c for c in reference_captions if c in probe_captions]
+    if shared:
+        raise DataError(f"caption {shared[0]!r} is in both reference source {reference_captions[shared[0]]!r} and "
+                        f"probe source {probe_captions[shared[0]]!r} ({len(shared)} shared); the reference set "
+                        "must be held out")
     if bad.skipped:
         print(f"geomlab.data: skipped {len(bad.skipped)} bad record(s) (data.on_bad_sample = \"skip\")",
               file=sys.stderr)
@@ -273,4 +286,5 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
             "zeroshot_sets": [{"name": z.name, "images": len(z.labels), "classes": len(z.classes)} for z in zeroshot],
             "skipped": len(bad.skipped)}
     return Stream(phases=phases, probes=probes, info=info, skipped=bad.skipped, zeroshot=zeroshot,
-                  reference=ConcatDataset(references) if references else None)
+                  reference=ConcatDataset(references) if references else None,
+                  reference_texts=list(reference_captions))

@@ -5,27 +5,43 @@ colour, size, grid position and the background. There are five domains (``DOMAIN
 own four shapes, four colours, three backgrounds and caption template; size words (small/large) and
 the nine position words are shared. Phase d of the stream trains on domain d's train split, and probe
 d is domain d's probe split (disjoint ids), learned at phase d. The probe images are also classified
-zero-shot by shape and by colour among their domain's class names (ZEROSHOT_TEMPLATES). The
-stream's reference set (ZSCL's distillation data) is domain 0's reference split: the base domain's
-distribution, ids disjoint from every other split.
+zero-shot by shape and by colour among their domain's class names (ZEROSHOT_TEMPLATES).
+
+Held-out combinations: each domain holds a share (`novel_share`, default NOVEL_SHARE = 0.25: 216 of
+864) of its attribute combinations out of training (`held_out`, a seeded function of (seed, domain)
+alone; every shape, colour, size, position and background value still occurs in the rest). A
+domain's train and probe splits draw only from the remaining ("seen") combinations; its novel split
+draws only from the held-out ones, so its captions never occur in training. The stream measures both:
+probe set "d0_basic" (ProbeSet.kind "seen") and "d0_basic/novel" (kind "novel"), each learned at
+phase d. novel_share = 0 holds nothing out and renders VERSION 1's data.
+
+The stream's reference set (ZSCL's distillation data) is the reference domain (REFERENCE_DOMAIN), rendered
+apart from the five: each sample's shape, colour and background come from three different domains
+and its caption has a template of its own, so no phase trains on it and no probe measures it; ids
+disjoint from every other split. Its text pool (Stream.reference_texts) holds the captions of the
+reference samples after the reference images, unpaired with them.
 
 Determinism: sample ``(seed, domain, split, index)`` always renders the same pixels and caption,
-whatever other samples are requested and in what order. The attribute combination of sample ``i``
-is ``perm_b[i % 864]`` where ``perm_b`` is a seeded permutation of all 4*4*2*9*3 = 864 combinations
-for block ``b = i // 864`` (each sample is uniform over combinations; within a block no caption
-repeats, so a 200-image probe has 200 distinct captions). Continuous jitter (position, size, colour
+whatever other samples are requested and in what order (for a given novel_share). The attribute
+combination of sample ``i`` is ``pool[perm_b[i % n]]``, where ``pool`` holds the split's n
+combinations (the seen ones, 648 of the 4*4*2*9*3 = 864 by default, or the held-out ones, 216) and
+``perm_b`` is a seeded permutation of them for block ``b = i // n`` (each sample is uniform over the
+pool; within a block no caption repeats, so a 200-image probe has 200 distinct captions; a probe
+larger than its pool is refused). Continuous jitter (position, size, colour
 brightness, texture phase) comes from a counter-based hash of (seed, domain, split, index, field).
 
 Rendering is vectorised numpy: signed-distance functions evaluated on whole batches of coordinate
 grids, with analytic anti-aliasing (coverage = clamp(0.5 - distance_in_pixels)).
 
-Sample id = domain * 10**9 + split * 10**8 + index (split 0 = train, 1 = probe, 2 = reference).
+Sample id = domain * 10**9 + split * 10**8 + index (split 0 = train, 1 = probe, 2 = reference,
+3 = novel).
 
 ``python -m geomlab.data.shapes --preview FILE.html`` writes a grid of samples per domain.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import math
 from dataclasses import dataclass
@@ -37,15 +53,16 @@ from torch.utils.data import Dataset
 
 from . import Phase, ProbeSet, Stream, ZeroShotSet, register_stream
 
-TRAIN, PROBE, REFERENCE = 0, 1, 2
-SPLITS = {"train": TRAIN, "probe": PROBE, "reference": REFERENCE}
+TRAIN, PROBE, REFERENCE, NOVEL = 0, 1, 2, 3
+SPLITS = {"train": TRAIN, "probe": PROBE, "reference": REFERENCE, "novel": NOVEL}
+NOVEL_SHARE = 0.25              # share of each domain's attribute combinations held out of training
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 _SIZE_FRAC = (0.10, 0.15)       # object radius / image size
 _GRID = (0.2, 0.5, 0.8)         # cell centres as a fraction of the image size
 _JITTER = 0.03                  # position jitter (fraction of the image size)
-VERSION = 1                     # bump when rendering changes (recorded in Stream.info)
+VERSION = 2                     # bump when rendering changes (recorded in Stream.info); 2: held-out combinations
 # Zero-shot prompts (docs/definitions.md, "Zero-shot classification"): CLIP's "a photo of a {}."
 # wording, with the class name where the captions put it; one template per task.
 ZEROSHOT_TEMPLATES = {"shape": ("a photo of a {}.",), "colour": ("a photo of a {} shape.",)}
@@ -257,6 +274,64 @@ DOMAINS: tuple[Domain, ...] = (
 )
 DOMAIN_NAMES = tuple(d.name for d in DOMAINS)
 
+# The reference domain (ZSCL's distillation data, docs/definitions.md "ZSCL loss"): rendered apart
+# from the five streamed domains, as ZSCL's reference images and captions come from other data sets.
+# A reference sample takes its shape, its colour and its background from three DIFFERENT domains
+# (sizes and positions as everywhere), so its attribute combination is none of any domain's (no
+# phase trains on it, no probe measures it), and its caption has a template of its own. Its number
+# in sample ids and seeds is REFERENCE_ID: ids 9 * 10**9 + 2 * 10**8 + index, disjoint from every
+# streamed domain's (0..4). Combination c (of 60 domain triples * 4*4*3 * 2 sizes * 9 positions =
+# 51,840) is _REFERENCE_TRIPLES[c % 2880] (global shape, colour, background), size (c // 2880) % 2,
+# position c // 5760; samples draw them as the domains do (a seeded permutation per block).
+REFERENCE_ID = 9
+REFERENCE_DOMAIN = Domain(
+    "reference", "shape, colour and background each from a different domain",
+    tuple(s for d in DOMAINS for s in d.shapes), tuple(c for d in DOMAINS for c in d.colours),
+    tuple(b for d in DOMAINS for b in d.backgrounds),
+    "one {colour} {shape} ({size}) drawn {pos} against {bg}")
+
+
+def _reference_triples() -> np.ndarray:
+    """[2880, 3] (shape, colour, background) indices into REFERENCE_DOMAIN's tuples, each of the
+    three from a different domain."""
+    first = lambda attr: np.cumsum([0] + [len(getattr(d, attr)) for d in DOMAINS])  # noqa: E731
+    s0, c0, b0 = first("shapes"), first("colours"), first("backgrounds")
+    return np.asarray([(s, c, b) for ds in range(len(DOMAINS)) for dc in range(len(DOMAINS))
+                       for db in range(len(DOMAINS)) if len({ds, dc, db}) == 3
+                       for s in range(s0[ds], s0[ds + 1]) for c in range(c0[dc], c0[dc + 1])
+                       for b in range(b0[db], b0[db + 1])], np.int64)
+
+
+_REFERENCE_TRIPLES = _reference_triples()
+
+
+def _domain(domain: int) -> "Domain":
+    return REFERENCE_DOMAIN if domain == REFERENCE_ID else DOMAINS[domain]
+
+
+def reference_attributes(indices, seed: int = 0) -> dict:
+    """Per-sample attributes of the reference domain's samples `indices` (as `attributes`; shape,
+    colour and bg index REFERENCE_DOMAIN's tuples)."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= 10 ** 8):
+        raise ValueError("sample indices must be in [0, 1e8)")
+    n = len(_REFERENCE_TRIPLES)
+    c = _combinations(seed, REFERENCE_ID, REFERENCE, idx,
+                      np.arange(n * len(SIZES) * len(POSITIONS), dtype=np.int64))
+    key = _key(seed, REFERENCE_ID, REFERENCE)
+    u = [_uniform(key, idx, f) for f in range(6)]
+    triple = _REFERENCE_TRIPLES[c % n]
+    return {"shape": triple[:, 0], "colour": triple[:, 1], "size": (c // n) % len(SIZES),
+            "pos": c // (n * len(SIZES)), "bg": triple[:, 2],
+            "jx": (u[0] * 2 - 1) * _JITTER, "jy": (u[1] * 2 - 1) * _JITTER, "scale": 0.92 + 0.16 * u[2],
+            "bright": 0.9 + 0.2 * u[3], "phase_x": u[4], "phase_y": u[5]}
+
+
+def reference_texts(first: int, count: int, seed: int = 0) -> list[str]:
+    """The reference text pool: captions of reference samples first .. first + count - 1 (the stream
+    takes them after its reference images: texts unpaired with any image it uses)."""
+    return captions_for(REFERENCE_ID, reference_attributes(np.arange(first, first + count), seed))
+
 
 # ----------------------------------------------------------------------------------------------
 # Counter-based randomness
@@ -288,15 +363,93 @@ def _uniform(key: np.uint64, idx: np.ndarray, field: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2 ** 53)
 
 
-def _combinations(seed: int, domain: int, split: int, idx: np.ndarray, n_comb: int) -> np.ndarray:
-    blocks = idx // n_comb
+def _combinations(seed: int, domain: int, split: int, idx: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Sample i's combination: pool[perm_b[i % n]], perm_b a seeded permutation of the n = len(pool)
+    combinations for block b = i // n (pool = every combination reproduces VERSION 1)."""
+    n = len(pool)
+    blocks = idx // n
     out = np.empty(len(idx), np.int64)
     for b in np.unique(blocks):
         g = np.random.Generator(np.random.Philox(np.random.SeedSequence(_entropy(seed, domain, split, b, 0xC0))))
-        perm = g.permutation(n_comb)
+        perm = g.permutation(n)
         sel = blocks == b
-        out[sel] = perm[idx[sel] % n_comb]
+        out[sel] = pool[perm[idx[sel] % n]]
     return out
+
+
+def _attribute_values(domain: Domain, c: np.ndarray) -> dict:
+    """Attribute indices (shape, colour, size, pos, bg) of combination indices `c`."""
+    ns, nc = len(domain.shapes), len(domain.colours)
+    return {"shape": c % ns, "colour": (c // ns) % nc, "size": (c // (ns * nc)) % len(SIZES),
+            "pos": (c // (ns * nc * len(SIZES))) % len(POSITIONS),
+            "bg": (c // (ns * nc * len(SIZES) * len(POSITIONS))) % len(domain.backgrounds)}
+
+
+def _check_share(share) -> float:
+    if isinstance(share, bool) or not isinstance(share, (int, float, np.floating)) or not 0 <= share < 1:
+        raise ValueError(f"data.shapes.novel_share must be a number in [0, 1), got {share!r}")
+    return float(share)
+
+
+def n_held_out(share: float = NOVEL_SHARE, n_combinations: int = 864) -> int:
+    """How many of a domain's combinations `share` holds out: round(share * n_combinations)."""
+    return int(math.floor(_check_share(share) * n_combinations + 0.5))
+
+
+@functools.lru_cache(maxsize=64)
+def _held_out(seed: int, domain: int, k: int) -> np.ndarray:
+    d = DOMAINS[domain]
+    n = d.n_combinations
+    order = np.random.Generator(np.random.Philox(np.random.SeedSequence(
+        _entropy(seed, domain, 0x401D, 0xC0)))).permutation(n)
+    values = {key: v.tolist() for key, v in _attribute_values(d, order).items()}
+    left = {key: np.bincount(v, minlength=max(v) + 1) for key, v in values.items()}  # combinations in training
+    quota = {key: -(-k // len(c)) for key, c in left.items()}  # ceil(k / number of values)
+    floor = {key: n // len(c) - quota[key] for key, c in left.items()}  # fewest left in training per value
+    taken = np.zeros(n, bool)
+    held: list[int] = []
+    slack = 0
+    while len(held) < k:
+        before = len(held)
+        for j in range(n):
+            if len(held) == k:
+                break
+            # balanced: at most quota (+ slack) combinations held out per attribute value; and every
+            # value keeps a combination in training
+            if not taken[j] and all(c[values[key][j]] > max(1, floor[key] - slack) for key, c in left.items()):
+                taken[j] = True
+                held.append(int(order[j]))
+                for key, c in left.items():
+                    c[values[key][j]] -= 1
+        if len(held) < k and len(held) == before and slack >= max(floor.values()):
+            raise ValueError(f"data.shapes.novel_share holds out {k} of {n} combinations: too many to keep "
+                             "every attribute value in training")
+        slack += 1
+    out = np.sort(np.asarray(held, np.int64))
+    out.flags.writeable = False
+    return out
+
+
+def held_out(domain: int, seed: int = 0, share: float = NOVEL_SHARE) -> np.ndarray:
+    """The sorted combination indices of `domain` held out of training (the novel split's pool):
+    k = round(share * 864) combinations, taken in the order of a permutation seeded by (seed, domain)
+    alone, skipping a combination that would hold out more than ceil(k / #values) combinations of one
+    attribute value (a quota relaxed one step per pass until k are found: each shape, colour, size,
+    position and background keeps close to its share of training) or leave a value without a
+    combination in training."""
+    if not 0 <= domain < len(DOMAINS):
+        raise ValueError(f"domain must be in [0, {len(DOMAINS)}), got {domain}")
+    return _held_out(int(seed) % 2 ** 64, int(domain), n_held_out(share, DOMAINS[domain].n_combinations))
+
+
+def combination_pool(domain: int, split, seed: int = 0, share: float = NOVEL_SHARE) -> np.ndarray:
+    """The combinations `split` draws from: the held-out ones for the novel split, the rest (seen)
+    for train, probe and reference."""
+    held = held_out(domain, seed, share)
+    if _split_id(split) == NOVEL:
+        return held
+    n = DOMAINS[domain].n_combinations
+    return np.setdiff1d(np.arange(n, dtype=np.int64), held, assume_unique=True) if len(held) else np.arange(n)
 
 
 def _split_id(split) -> int:
@@ -305,7 +458,7 @@ def _split_id(split) -> int:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         return SPLITS[split]
     if split not in SPLITS.values():
-        raise ValueError(f"split must be 0 (train), 1 (probe) or 2 (reference), got {split!r}")
+        raise ValueError(f"split must be 0 (train), 1 (probe), 2 (reference) or 3 (novel), got {split!r}")
     return int(split)
 
 
@@ -317,8 +470,12 @@ def sample_ids(domain: int, split, indices) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Rendering
 
-def attributes(domain: int, split, indices, seed: int = 0) -> dict:
-    """Per-sample attribute indices (shape, colour, size, pos, bg) and jitter for `indices`."""
+def attributes(domain: int, split, indices, seed: int = 0, novel_share: float = NOVEL_SHARE) -> dict:
+    """Per-sample attribute indices (shape, colour, size, pos, bg) and jitter for `indices`; the
+    combinations come from `combination_pool(domain, split, seed, novel_share)`. The reference
+    domain (REFERENCE_ID, reference split only): `reference_attributes`."""
+    if domain == REFERENCE_ID and _split_id(split) == REFERENCE:
+        return reference_attributes(indices, seed)
     if not 0 <= domain < len(DOMAINS):
         raise ValueError(f"domain must be in [0, {len(DOMAINS)}), got {domain}")
     split = _split_id(split)
@@ -326,16 +483,14 @@ def attributes(domain: int, split, indices, seed: int = 0) -> dict:
     if idx.size and (idx.min() < 0 or idx.max() >= 10 ** 8):
         raise ValueError("sample indices must be in [0, 1e8)")
     d = DOMAINS[domain]
-    ns, nc, nb = len(d.shapes), len(d.colours), len(d.backgrounds)
-    c = _combinations(seed, domain, split, idx, d.n_combinations)
+    pool = combination_pool(domain, split, seed, novel_share)
+    if not len(pool):
+        raise ValueError(f"data.shapes.novel_share {novel_share!r} holds out no combination: no novel split")
+    c = _combinations(seed, domain, split, idx, pool)
     key = _key(seed, domain, split)
     u = [_uniform(key, idx, f) for f in range(6)]
     attrs = {
-        "shape": c % ns,
-        "colour": (c // ns) % nc,
-        "size": (c // (ns * nc)) % len(SIZES),
-        "pos": (c // (ns * nc * len(SIZES))) % len(POSITIONS),
-        "bg": (c // (ns * nc * len(SIZES) * len(POSITIONS))) % nb,
+        **_attribute_values(d, c),
         "jx": (u[0] * 2 - 1) * _JITTER,
         "jy": (u[1] * 2 - 1) * _JITTER,
         "scale": 0.92 + 0.16 * u[2],
@@ -347,7 +502,7 @@ def attributes(domain: int, split, indices, seed: int = 0) -> dict:
 
 
 def captions_for(domain: int, attrs: dict) -> list[str]:
-    d = DOMAINS[domain]
+    d = _domain(domain)
     return [d.template.format(size=SIZES[sz], colour=d.colours[co][0], shape=d.shapes[sh][0],
                               pos=POSITIONS[p], bg=d.backgrounds[b].name)
             for sh, co, sz, p, b in zip(attrs["shape"].tolist(), attrs["colour"].tolist(),
@@ -399,7 +554,7 @@ _EXTENT = 1.25   # every shape lies within this many radii of its centre (frame/
 def _render_attrs(domain: int, attrs: dict, S: int, window: bool = True) -> np.ndarray:
     """Backgrounds over the full frame; the object's coverage (SDF with analytic anti-aliasing) and
     the compositing only over a square window around it (`window=False`: over the full frame)."""
-    d = DOMAINS[domain]
+    d = _domain(domain)
     n = len(attrs["shape"])
     out = np.empty((n, S, S, 3), np.uint8)
     chunk = max(1, (1 << 17) // (S * S))
@@ -448,15 +603,17 @@ def _render_attrs(domain: int, attrs: dict, S: int, window: bool = True) -> np.n
     return out
 
 
-def render(domain: int, split, indices, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+def render(domain: int, split, indices, image_size: int = 32, seed: int = 0,
+           novel_share: float = NOVEL_SHARE) -> tuple[np.ndarray, list[str]]:
     """Render samples `indices` of (domain, split): (uint8 [n, H, W, 3], captions).
 
-    split: "train"/"probe" or 0/1. Pure function of (seed, domain, split, index) per sample.
+    split: a name of SPLITS ("train", "probe", "reference", "novel") or its id. Pure function of
+    (seed, domain, split, index) per sample, for a given novel_share.
     """
     image_size = int(image_size)
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8 (>= 16 recommended), got {image_size}")
-    attrs = attributes(domain, split, indices, seed)
+    attrs = attributes(domain, split, indices, seed, novel_share)
     return _render_attrs(domain, attrs, image_size), captions_for(domain, attrs)
 
 
@@ -477,10 +634,11 @@ class ShapesDataset(Dataset):
     Also `pixels` (uint8), `captions`, `ids` (int64 tensor), `attrs` (per-sample attribute indices).
     """
 
-    def __init__(self, domain: int, split, size: int, image_size: int = 32, seed: int = 0):
+    def __init__(self, domain: int, split, size: int, image_size: int = 32, seed: int = 0,
+                 novel_share: float = NOVEL_SHARE):
         self.domain, self.split, self.seed, self.image_size = domain, _split_id(split), seed, int(image_size)
         idx = np.arange(int(size), dtype=np.int64)
-        self.attrs = attributes(domain, self.split, idx, seed)
+        self.attrs = attributes(domain, self.split, idx, seed, novel_share)
         imgs = _render_attrs(domain, self.attrs, self.image_size)
         self.captions = captions_for(domain, self.attrs)
         self.pixels = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
@@ -531,9 +689,12 @@ class ShapesImages(Dataset):
 
 
 def _probe_from(ds: ShapesDataset) -> ProbeSet:
-    """Domain d's probe split: it measures the data of phase d, which trains on domain d."""
-    return ProbeSet(name=DOMAINS[ds.domain].name, images=ds.images_only(), captions=list(ds.captions),
-                    caption_image=torch.arange(len(ds), dtype=torch.int64), ids=ds.ids.clone(), phases=(ds.domain,))
+    """Domain d's probe split ("d0_basic", kind "seen") or novel split ("d0_basic/novel", kind
+    "novel"): either measures the data of phase d, which trains on domain d."""
+    novel = ds.split == NOVEL
+    return ProbeSet(name=DOMAINS[ds.domain].name + ("/novel" if novel else ""), images=ds.images_only(),
+                    captions=list(ds.captions), caption_image=torch.arange(len(ds), dtype=torch.int64),
+                    ids=ds.ids.clone(), phases=(ds.domain,), kind="novel" if novel else "seen")
 
 
 def _zeroshot_from(ds: ShapesDataset) -> list[ZeroShotSet]:
@@ -558,40 +719,73 @@ def _check_size(name, v, lo=1) -> int:
     return int(v)
 
 
-def probe_sets(seed: int = 0, image_size: int = 32, probe_size: int = 200, domains: int = 5) -> list[ProbeSet]:
-    """Every domain's probe split, in stream order (analyser's `--probe shapes`)."""
+def _check_probe_size(probe_size: int, novel_share: float) -> int:
+    """Refuse a probe larger than its pool of combinations (its captions would repeat)."""
+    n = DOMAINS[0].n_combinations
+    held = n_held_out(novel_share, n)
+    if held and probe_size > held:
+        raise ValueError(f"data.probe_size {probe_size} exceeds the {held} held-out combinations per domain "
+                         f"(data.shapes.novel_share {novel_share}): novel probe captions would repeat; "
+                         "lower probe_size or raise novel_share (0 = no novel probes)")
+    if probe_size > n - held:
+        raise ValueError(f"data.probe_size {probe_size} exceeds the {n - held} combinations per domain left "
+                         f"for training (data.shapes.novel_share {novel_share}): probe captions would repeat")
+    return probe_size
+
+
+def _probe_sets(seed: int, image_size: int, probe_size: int, domains: int, novel_share: float):
+    """(probe sets in stream order: d0_basic, d0_basic/novel, d1_neon, ...; the seen probe datasets)."""
+    probes, seen = [], []
+    for d in range(domains):
+        ds = ShapesDataset(d, PROBE, probe_size, image_size, seed, novel_share)
+        seen.append(ds)
+        probes.append(_probe_from(ds))
+        if n_held_out(novel_share, DOMAINS[d].n_combinations):
+            probes.append(_probe_from(ShapesDataset(d, NOVEL, probe_size, image_size, seed, novel_share)))
+    return probes, seen
+
+
+def probe_sets(seed: int = 0, image_size: int = 32, probe_size: int = 200, domains: int = 5,
+               novel_share: float = NOVEL_SHARE) -> list[ProbeSet]:
+    """Every domain's probe split and novel split, in stream order (analyser's `--probe shapes`)."""
     domains = _check_domains(domains)
-    probe_size = _check_size("probe_size", probe_size)
-    return [_probe_from(ShapesDataset(d, PROBE, probe_size, image_size, seed)) for d in range(domains)]
+    probe_size = _check_probe_size(_check_size("probe_size", probe_size), _check_share(novel_share))
+    return _probe_sets(seed, image_size, probe_size, domains, novel_share)[0]
 
 
 @register_stream("shapes")
 def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Stream:
     """[data] keys: probe_size (200); [data.shapes]: domains (5), train_size (4000 per domain),
-    reference_size (1000 pairs of domain 0's reference split; 0 = no reference set), seed
-    (defaults to the run seed). `preprocess` is ignored: images are rendered at `image_size`
+    reference_size (1000 pairs of the reference domain; 0 = no reference set), reference_texts (2000
+    captions of the next reference samples: the text pool, unpaired with the images), novel_share
+    (0.25 of each domain's combinations held out of training for the novel probes; 0 = none), seed
+    (defaults to the run seed). probe_size may not exceed the held-out (or the seen) combinations.
+    `preprocess` is ignored: images are rendered at `image_size`
     and normalised with open_clip's OPENAI mean/std, which is what open_clip's preprocess does."""
     opts = dict(data.get("shapes", {}) or {})
-    unknown = set(opts) - {"domains", "train_size", "reference_size", "seed"}
+    unknown = set(opts) - {"domains", "train_size", "reference_size", "reference_texts", "novel_share", "seed"}
     if unknown:
         raise ValueError(f"data.shapes: unknown keys {sorted(unknown)}; valid: domains, train_size, "
-                         "reference_size, seed")
+                         "reference_size, reference_texts, novel_share, seed")
     domains = _check_domains(opts.get("domains", 5))
     train_size = _check_size("data.shapes.train_size", opts.get("train_size", 4000))
-    probe_size = _check_size("data.probe_size", data.get("probe_size", 200))
+    novel_share = _check_share(opts.get("novel_share", NOVEL_SHARE))
+    probe_size = _check_probe_size(_check_size("data.probe_size", data.get("probe_size", 200)), novel_share)
     dseed = int(opts.get("seed", seed))
-    phases, probes, zeroshot = [], [], []
-    for d in range(domains):
-        phases.append(Phase(name=DOMAINS[d].name, train=ShapesDataset(d, TRAIN, train_size, image_size, dseed)))
-        probe = ShapesDataset(d, PROBE, probe_size, image_size, dseed)
-        probes.append(_probe_from(probe))
-        zeroshot.extend(_zeroshot_from(probe))
+    phases = [Phase(name=DOMAINS[d].name, train=ShapesDataset(d, TRAIN, train_size, image_size, dseed, novel_share))
+              for d in range(domains)]
+    probes, seen = _probe_sets(dseed, image_size, probe_size, domains, novel_share)
+    zeroshot = [z for ds in seen for z in _zeroshot_from(ds)]  # on the seen probes only
     reference_size = _check_size("data.shapes.reference_size", opts.get("reference_size", 1000), lo=0)
-    reference = ShapesDataset(0, REFERENCE, reference_size, image_size, dseed) if reference_size else None
+    reference = ShapesDataset(REFERENCE_ID, REFERENCE, reference_size, image_size, dseed) if reference_size else None
+    n_texts = _check_size("data.shapes.reference_texts", opts.get("reference_texts", 2000), lo=0)
     info = {"stream": "shapes", "version": VERSION, "domains": [DOMAINS[d].name for d in range(domains)],
             "train_size": train_size, "probe_size": probe_size, "reference_size": reference_size,
+            "reference_texts": n_texts, "novel_share": novel_share,
+            "held_out": n_held_out(novel_share, DOMAINS[0].n_combinations),
             "image_size": int(image_size), "seed": dseed}
-    return Stream(phases=phases, probes=probes, info=info, zeroshot=zeroshot, reference=reference)
+    return Stream(phases=phases, probes=probes, info=info, zeroshot=zeroshot, reference=reference,
+                  reference_texts=reference_texts(reference_size, n_texts, dseed))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,8 +797,10 @@ def preview_html(image_size: int = 64, per_domain: int = 8, seed: int = 0, domai
     from plotly.subplots import make_subplots
 
     domains = len(DOMAINS) if domains is None else _check_domains(domains)
+    shown = [REFERENCE_ID] if _split_id(split) == REFERENCE else list(range(domains))  # reference: its own domain
+    domains = len(shown)
     rows = []
-    for d in range(domains):
+    for d in shown:
         imgs, caps = render(d, split, np.arange(per_domain), image_size, seed)
         rows.append((imgs, caps))
     titles = []
@@ -624,7 +820,7 @@ def preview_html(image_size: int = 64, per_domain: int = 8, seed: int = 0, domai
     for d, (imgs, _) in enumerate(rows):
         for j in range(per_domain):
             fig.add_trace(go.Image(z=imgs[j], hoverinfo="skip"), row=d + 1, col=j + 1)
-        fig.update_yaxes(title_text=DOMAINS[d].name, row=d + 1, col=1)
+        fig.update_yaxes(title_text=_domain(shown[d]).name, row=d + 1, col=1)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, showgrid=False, zeroline=False)
     fig.update_annotations(font_size=9)
