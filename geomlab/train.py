@@ -412,7 +412,7 @@ class Trainer:
             load_batch=self.load_batch, encode=encode, gather=self.dist.gather,
             load_state=functools.partial(self.run.load_strategy_state, strategy_dir), save_state=save,
             previous_model=frozen() if cls.needs_previous_model else None, base_model=base,
-            seed=self.config["run"]["seed"], rank=self.dist.rank, world=self.dist.world)
+            seed=self.config["run"]["seed"], rank=self.dist.rank, world=self.dist.world, tokenizer=self.tokenizer)
         return cls(context, **self.config[cls.name])
 
     def train_phase(self, strategy_dir: str, strategy_name: str, phase: int, start_checkpoint: Path | None) -> None:

@@ -90,6 +90,8 @@ class PhaseContext:
     rank: int = 0
     world: int = 1                                  # a term every rank computes in full is divided by it:
                                                     # the ranks' losses add up to the full-batch loss
+    tokenizer: Callable | None = None               # tokenizer(list of str) -> tokens (CPU): a strategy's
+                                                    # own texts (ZSCL's reference pool)
 
     @torch.no_grad()
     def teacher(self, model: torch.nn.Module, images, tokens, feats: Features):
@@ -109,6 +111,12 @@ class Strategy(abc.ABC):
     name: str = ""
     needs_previous_model: bool = False  # True: the trainer snapshots the phase-start model for it
     needs_base_model: bool = False      # True: the trainer loads the base model (end of phase 0) for it
+    # The strength knob that `python -m geomlab.tune` searches: (option, +1 when a larger value
+    # regularises more, −1 when a smaller one does); None for a strategy without one. Ties in a
+    # tuning go to the weaker regulariser, which this direction defines.
+    knob: tuple[str, int] | None = None
+    # What the strategy keeps from earlier phases beyond the weights (the study's "stores" column).
+    stores: str = "nothing"
 
     def __init__(self, context: PhaseContext):
         self.context = context

@@ -8,6 +8,8 @@ from .replay import Replay
 
 class ER(Replay):
     name = "er"
+    knob = ("replay_fraction", +1)
+    stores = "samples: buffer_size past pairs"
 
     def loss(self, images, tokens, feats, step):
         clip = kernels.clip_loss(feats.image, feats.text, feats.logit_scale, **feats.columns())

@@ -6,6 +6,7 @@ from .finetune import Finetune
 
 class Joint(Finetune):
     name = "joint"
+    stores = "samples: every past phase's data"
 
     @classmethod
     def train_data(cls, stream, phase):

@@ -21,6 +21,8 @@ def distillation(temperature: float, logit_scale: torch.Tensor) -> dict:
 class LwF(Strategy):
     name = "lwf"
     needs_previous_model = True
+    knob = ("weight", +1)
+    stores = "nothing (the phase-start model)"
 
     def __init__(self, context: PhaseContext, *, weight: float, temperature: float):
         super().__init__(context)

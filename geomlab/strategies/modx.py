@@ -10,6 +10,8 @@ from .base import PhaseContext, Strategy
 class ModX(Strategy):
     name = "modx"
     needs_previous_model = True
+    knob = ("alpha", +1)
+    stores = "nothing (the phase-start model)"
 
     def __init__(self, context: PhaseContext, *, alpha: float, temperature: float, reduction: str,
                  off_diagonal_only: bool):

@@ -101,5 +101,7 @@ class Replay(Strategy):
         return new + [n + r for r in replayed]
 
     def replayed_slots(self, step) -> list[int]:
-        """The buffer slots of step's replayed rows, in batch order (the batch's last n_replay rows)."""
-        return [r - len(self.context.data) for r in self.step_indices(step)[self.context.batch_size - self.n_replay:]]
+        """The buffer slots of step's replayed rows, in batch order (the last n_replay of its first B
+        rows; rows a subclass adds ride after those B)."""
+        B = self.context.batch_size
+        return [r - len(self.context.data) for r in self.step_indices(step)[B - self.n_replay: B]]

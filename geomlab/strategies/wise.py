@@ -9,6 +9,8 @@ from .finetune import Finetune
 
 class WiSE(Finetune):
     name = "wise"
+    knob = ("alpha", -1)  # α is the fine-tuned model's weight: a smaller α keeps more of the phase start
+    stores = "nothing (the phase-start weights, within a phase)"
 
     def __init__(self, context: PhaseContext, *, alpha: float):
         super().__init__(context)
