@@ -24,6 +24,11 @@ else:  # pragma: no cover
 DEFAULT_EXPERIMENT = "shapes_5phase.toml"
 
 
+class FreeTable:
+    """Schema entry for a table whose keys the config schema does not fix (`[tune.grid]`: strategy →
+    option → values); its default is empty and its owner (geomlab.tune) checks its content."""
+
+
 class TableList:
     """Schema entry for a TOML array of tables (`[[data.sources]]`): each table is validated against
     `template` (missing keys take its defaults); the default value is an empty list."""
@@ -64,6 +69,9 @@ SCHEMA: dict = {
         "seeds": [],                 # [0, 1, 2]: one complete run per seed under one directory ([] = run.seed only)
         "device": "auto",            # one of DEVICES; auto = cuda when available, else cpu
         "strategies": ["finetune", "modx", "joint"],
+        "tuned": "",                 # a tuned-values file (python -m geomlab.tune's output) whose values
+                                     # apply over this file's and under the command line's; relative to
+                                     # this file's folder, then to the packaged experiments folder
     },
     "model": {
         "name": "geomlab-tiny",
@@ -79,7 +87,10 @@ SCHEMA: dict = {
         "on_bad_sample": "error",    # error | skip
         "num_workers": 0,
         "shapes": {"domains": 5, "train_size": 4000,
-                   "reference_size": 1000},  # base-domain pairs of the reference split (ZSCL), 0 = none
+                   "reference_size": 1000,   # reference-domain pairs (ZSCL's images), 0 = none
+                   "reference_texts": 2000,   # ZSCL's text pool: captions of other reference samples
+                   "novel_share": 0.25},      # share of each domain's combinations held out of training
+                                              # (the novel probes'), 0 = none
         "root": "",                  # real data: relative source paths resolve against it ("" = cwd)
         "datasets": {                # options of the "datasets" stream (real data, geomlab.data.phases)
             "train_captions": "all",     # all: every caption is a pair | first | random: one per image
@@ -104,6 +115,12 @@ SCHEMA: dict = {
         "log_every": 10,
         "eval_batch_size": 256,
     },
+    # python -m geomlab.tune: the grid it searches, on seeds no study reports (docs/definitions.md, "Tuning")
+    "tune": {
+        "validation_seeds": [],      # the seeds tuning runs on; a study on any of them is refused
+        "criterion": "last",         # what selects a value: its mean over the validation seeds (CRITERIA)
+        "grid": FreeTable(),         # [tune.grid.STRATEGY] KNOB = [values]: each strategy's main knob
+    },
     "finetune": {},
     # alpha, temperature, reduction, off_diagonal_only: Mod-X's options, with the kernels' defaults
     # (not the KL's row selection: keeping the rows the old model retrieves correctly IS Mod-X)
@@ -116,8 +133,10 @@ SCHEMA: dict = {
         "temperature": 2.0,          # T, distillation temperature on logit-scaled similarities (> 0)
     },
     "ewc": {
-        "weight": 1e5,               # λ of the penalty (λ/2)·Σ F·(θ − θ*)² (≥ 0)
-        "fisher_batches": 20,        # batches of a phase's data its diagonal Fisher is averaged over
+        "weight": 1.4e3,             # λ of the penalty (λ/2)·Σ F·(θ − θ*)² (≥ 0)
+        "fisher_batches": 2,         # batches of a phase's data its per-sample Fisher is averaged over (128 samples
+                                     # at batch 64: each batch costs about 64 batch backward passes)
+        "gamma": 1.0,                # online EWC: F ← γ·F_before + F_new at each phase start (≥ 0)
     },
     "er": {
         "buffer_size": 500,          # samples the reservoir keeps over every phase seen
@@ -126,14 +145,16 @@ SCHEMA: dict = {
     "der": {
         "buffer_size": 500,
         "replay_fraction": 0.25,
-        "alpha": 5.0,                # weight of the embedding MSE on replayed samples (≥ 0)
-        "beta": 0.0,                 # weight of the CLIP loss on replayed samples (DER++; 0 = DER)
+        "alpha": 0.3,                # weight of the MSE to the stored targets on replayed samples (≥ 0)
+        "beta": 0.0,                 # weight of the CLIP loss on a second replay draw (DER++; 0 = DER)
+        "target": "logits",          # logits: similarity rows against the anchors | embedding: the features
+        "anchor_size": 16,           # buffered pairs the stored similarity rows score against (≥ 1)
     },
     "wise": {
         "alpha": 0.5,                # weight of the fine-tuned model: θ ← (1 − α)·θ_start + α·θ_end
     },
     "zscl": {
-        "weight": 1.0,               # λ, weight of the distillation from the base model (≥ 0)
+        "weight": 8.0,               # λ of λ·½(KL + KL) from the base model (≥ 0); 8 = ZSCL's 2·T²
         "temperature": 2.0,          # T
         "avg_freq": 15,              # steps between the weight ensemble's samples
         "reference_batch_size": 16,  # reference pairs per step
@@ -148,6 +169,8 @@ CHOICES = {
     ("data", "sources", "format"): ("coco", "karpathy", "csv", "wds", "imagefolder"),
     ("data", "sources", "role"): ("train", "probe", "reference", "zeroshot"),
     ("modx", "reduction"): REDUCTIONS,
+    ("der", "target"): ("logits", "embedding"),
+    ("tune", "criterion"): ("last", "avg"),
 }
 
 
@@ -171,12 +194,13 @@ class Range:
 
 NON_NEGATIVE, POSITIVE, AT_LEAST_ONE = Range(0), Range(0, strict_lo=True), Range(1)
 RANGES = {
-    ("data", "shapes", "reference_size"): NON_NEGATIVE,
+    ("data", "shapes", "reference_size"): NON_NEGATIVE, ("data", "shapes", "reference_texts"): NON_NEGATIVE,
+    ("data", "shapes", "novel_share"): Range(0, 1, strict_hi=True),
     ("lwf", "weight"): NON_NEGATIVE, ("lwf", "temperature"): POSITIVE,
-    ("ewc", "weight"): NON_NEGATIVE, ("ewc", "fisher_batches"): AT_LEAST_ONE,
+    ("ewc", "weight"): NON_NEGATIVE, ("ewc", "fisher_batches"): AT_LEAST_ONE, ("ewc", "gamma"): NON_NEGATIVE,
     ("er", "buffer_size"): AT_LEAST_ONE, ("er", "replay_fraction"): Range(0, 1, strict_hi=True),
     ("der", "buffer_size"): AT_LEAST_ONE, ("der", "replay_fraction"): Range(0, 1, strict_hi=True),
-    ("der", "alpha"): NON_NEGATIVE, ("der", "beta"): NON_NEGATIVE,
+    ("der", "alpha"): NON_NEGATIVE, ("der", "beta"): NON_NEGATIVE, ("der", "anchor_size"): AT_LEAST_ONE,
     ("wise", "alpha"): Range(0, 1),
     ("zscl", "weight"): NON_NEGATIVE, ("zscl", "temperature"): POSITIVE,
     ("zscl", "avg_freq"): AT_LEAST_ONE, ("zscl", "reference_batch_size"): AT_LEAST_ONE,
@@ -184,7 +208,7 @@ RANGES = {
 
 
 # The element type of a list key whose default is empty (other lists: their first default's type).
-EMPTY_LIST_ELEMENT = {"run.seeds": 0}
+EMPTY_LIST_ELEMENT = {"run.seeds": 0, "tune.validation_seeds": 0}
 
 
 class ConfigError(ValueError):
@@ -234,7 +258,11 @@ def _merge(base: dict, update: dict, schema: dict, prefix: str = "") -> None:
             hint = difflib.get_close_matches(key, list(schema), n=1)
             hint = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; valid keys here: {valid}")
-        if isinstance(schema[key], TableList):
+        if isinstance(schema[key], FreeTable):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} must be a table ([{path}]), got {value!r}")
+            base[key] = copy.deepcopy(value)
+        elif isinstance(schema[key], TableList):
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
                 raise ConfigError(f"config key {path!r} must be a list of tables ([[{path}]]), got {value!r}")
             tables = []
@@ -260,8 +288,8 @@ def _merge(base: dict, update: dict, schema: dict, prefix: str = "") -> None:
 
 def _defaults(schema: dict) -> dict:
     """A deep copy of `schema` with every TableList replaced by its default, an empty list."""
-    return {k: _defaults(v) if isinstance(v, dict) else [] if isinstance(v, TableList) else copy.deepcopy(v)
-            for k, v in schema.items()}
+    return {k: _defaults(v) if isinstance(v, dict) else [] if isinstance(v, TableList)
+            else {} if isinstance(v, FreeTable) else copy.deepcopy(v) for k, v in schema.items()}
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
@@ -288,25 +316,75 @@ def load_toml(path) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
 
-def resolve(file_values: dict, overrides: list[str] = (), source: str = "config") -> dict:
-    """Defaults <- file values <- overrides, validated."""
-    config = _defaults(SCHEMA)
-    try:
-        _merge(config, file_values, SCHEMA)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+def _apply_overrides(config: dict, overrides) -> None:
     for item in overrides:
         keys, value = parse_override(item)
         nested = value
         for k in reversed(keys):
             nested = {k: nested}
         _merge(config, nested, SCHEMA)
+
+
+def tuned_path(name: str, folder: Path | None = None) -> Path:
+    """Where run.tuned = `name` lives: as given when absolute, else in `folder` (the config file's),
+    else in the packaged experiments folder."""
+    path = Path(name)
+    candidates = [path] if path.is_absolute() else [
+        *([folder / path] if folder is not None else []), default_config_path().parent / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"run.tuned: tuned-values file {name!r} not found (looked in "
+                      f"{', '.join(str(c.parent) for c in candidates)}); run python -m geomlab.tune to make it")
+
+
+def load_tuned(path: Path) -> dict:
+    """A tuned-values file: {"values": {strategy: {option: value}}, "provenance": {...}, ...}."""
+    tuned = load_toml(path)
+    values, provenance = tuned.get("values"), tuned.get("provenance")
+    if not isinstance(values, dict) or not isinstance(provenance, dict) or not isinstance(
+            provenance.get("validation_seeds"), list):
+        raise ConfigError(f"{path}: not a tuned-values file (it needs [values.STRATEGY] tables and "
+                          "[provenance] with validation_seeds)")
+    return tuned
+
+
+def check_seeds_untuned(config: dict, path, validation_seeds) -> None:
+    """Refuse a run whose seeds include a seed the tuned values in `path` were chosen on."""
+    reported = config["run"]["seeds"] or [config["run"]["seed"]]
+    overlap = sorted(set(validation_seeds) & set(reported))
+    if overlap:
+        raise ConfigError(f"seed(s) {overlap} of this run ({reported}) are validation seeds of {path} "
+                          f"({validation_seeds}): a study reports only seeds that no tuning choice looked at")
+
+
+def resolve(file_values: dict, overrides: list[str] = (), source: str = "config",
+            folder: Path | None = None) -> dict:
+    """Defaults <- file values <- run.tuned's values <- overrides, validated. `folder`: where a
+    relative run.tuned path is looked up first (the config file's folder)."""
+    config = _defaults(SCHEMA)
+    try:
+        _merge(config, file_values, SCHEMA)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    probe = copy.deepcopy(config)
+    _apply_overrides(probe, overrides)  # the final run.tuned (an override may set or clear it)
+    if not probe["run"]["tuned"]:
+        return probe
+    path = tuned_path(probe["run"]["tuned"], folder)
+    tuned = load_tuned(path)
+    try:
+        _merge(config, tuned["values"], SCHEMA)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _apply_overrides(config, overrides)
+    check_seeds_untuned(config, path, tuned["provenance"]["validation_seeds"])
     return config
 
 
 def load_config(path=None, overrides: list[str] = ()) -> dict:
     path = Path(path) if path else default_config_path()
-    return resolve(load_toml(path), overrides, source=str(path))
+    return resolve(load_toml(path), overrides, source=str(path), folder=path.parent)
 
 
 def dumps(config: dict) -> str:
