@@ -118,7 +118,30 @@ def create_model(name: str, pretrained: str | None = None, precision: str = "fp3
         if missing or unexpected:
             raise ValueError(f"{pretrained}: weights do not fit model {name!r} "
                              f"(missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]})")
-    return model, {"train": preprocess_train, "val": preprocess_val}, open_clip.get_tokenizer(name)
+    return model, {"train": preprocess_train, "val": preprocess_val}, CachedTokenizer(open_clip.get_tokenizer(name))
+
+
+class CachedTokenizer:
+    """open_clip's tokenizer with a memo of each caption's token row: a stream's captions repeat
+    (ShapeWorld's come from 864 per domain, probe captions are tokenized at every checkpoint) and
+    open_clip's text cleaning and BPE cost about a fifth of a geomlab-tiny training step. At most
+    `capacity` captions are kept; past that, new ones are tokenized without being kept."""
+
+    def __init__(self, tokenizer, capacity: int = 200_000):
+        self.tokenizer, self.capacity, self.rows = tokenizer, capacity, {}
+
+    def __call__(self, texts, context_length: int | None = None):
+        if context_length is not None or isinstance(texts, str):
+            return self.tokenizer(texts, context_length) if context_length else self.tokenizer(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self.rows]
+        fresh = dict(zip(new, self.tokenizer(new))) if new else {}
+        for text, row in fresh.items():
+            if len(self.rows) < self.capacity:
+                self.rows[text] = row
+        return torch.stack([self.rows[t] if t in self.rows else fresh[t] for t in texts]) if texts else self.tokenizer(texts)
+
+    def __getattr__(self, name):  # context_length, vocab_size, ... as open_clip's tokenizer has them
+        return getattr(self.tokenizer, name)
 
 
 def image_size(model) -> int:

@@ -107,6 +107,9 @@ def point_config(config: dict, seed: int, point: Point | None) -> dict:
     """The config of one run of the tuning: the experiment's, on `seed`, with one strategy."""
     one = copy.deepcopy(config)
     one["run"].update(seed=seed, seeds=[], tuned="", strategies=[point.strategy if point else REFERENCE])
+    # Phase-end checkpoints are all a point is scored on; evaluating and saving changes nothing that
+    # trains (eval mode, no gradient, no random draw), so the points train exactly as the study's runs.
+    one["train"]["checkpoint_every"] = 0
     if point is not None:
         one[point.strategy][point.option] = point.value
     return one

@@ -86,3 +86,18 @@ def test_a_local_file_is_loaded_by_geomlab(tmp_path, caplog):
         assert torch.equal(a, b), k
     assert set(transforms) == {"train", "val"}
     assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+
+
+def test_cached_tokenizer_equals_open_clips_and_stays_bounded():
+    import torch
+
+    from geomlab.models import CachedTokenizer
+    plain = open_clip.get_tokenizer("geomlab-tiny")
+    cached = CachedTokenizer(plain, capacity=3)
+    texts = ["a red circle", "a blue square", "a red circle", "zzz unseen words", "a blue square"]
+    assert torch.equal(cached(texts), plain(texts))
+    assert torch.equal(cached(texts[::-1]), plain(texts[::-1]))  # served from the memo, same rows
+    assert torch.equal(cached(["one", "two", "three", "four"]), plain(["one", "two", "three", "four"]))
+    assert len(cached.rows) == 3
+    assert torch.equal(cached("a red circle"), plain("a red circle"))
+    assert cached.context_length == plain.context_length
