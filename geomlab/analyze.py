@@ -75,6 +75,8 @@ def analyze(ckpt_dir, *, out=None, model: str | None = None, probe: str | None =
     if device not in DEVICES:
         raise AnalyzeError(f"--device must be auto, cpu or cuda, got {device!r}")
     t0 = time.time()
+    if source.ignored:
+        print(f"left out of {source.root}: {'; '.join(source.ignored)}", file=sys.stderr)
     probes = Probes(probe, source.config_path)
     traces = load_traces(source, Embedder(out / "cache", probes, model, resolve_device(device)), quiet=quiet)
     result = _analysis(source, traces, captions=probes.captions(), exact_limit=exact_limit, quiet=quiet)
@@ -360,6 +362,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input; an unreadable trace or checkpoint names the file
         print(f"geomlab.analyze: error: {e}", file=sys.stderr)
         return 2
+    if args.quiet and not args.no_report:  # -q hides progress and the summary, never where the result is
+        print(f"report: {(Path(args.out) if args.out else Path(args.ckpt_dirs[0]) / ANALYSIS) / 'report.html'}")
     return 0
 
 

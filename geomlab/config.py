@@ -113,6 +113,8 @@ SCHEMA: dict = {
         "base_steps": 0,             # steps for the base phase (0 = same as `steps`)
         "checkpoint_every": 0,       # steps between checkpoints inside a phase (0 = phase end only)
         "log_every": 10,
+        "allow_repeats": False,      # true: allow a batch larger than a phase (its pairs then repeat within
+                                     # a batch, copies being each other's negatives); refused otherwise
         "eval_batch_size": 256,
     },
     # python -m geomlab.tune: the grid it searches, on seeds no study reports (docs/definitions.md, "Tuning")

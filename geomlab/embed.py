@@ -14,7 +14,7 @@ from geomlab.config import load_config
 from geomlab.data import ProbeSet, build_stream, shapes
 from geomlab.data.readers import ImageDataset
 from geomlab.io import load_checkpoint
-from geomlab.models import create_model, image_size, state_dict_of
+from geomlab.models import create_model, image_size, state_dict_of, weight_mismatch
 from geomlab.rundir import Checkpoint, Source
 from geomlab.traces import DomainEmbeddings, Trace, read_trace, write_trace
 
@@ -162,11 +162,11 @@ class Embedder:
                 raise EmbedError(f"--model: {e}") from None
             self._models[name] = model, tokenizer
         model, tokenizer = self._models[name]
-        try:
-            model.load_state_dict(state_dict_of(ckpt), strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise EmbedError(f"{c.checkpoint}: weights do not fit model {name!r} ({first})") from None
+        weights = state_dict_of(ckpt)
+        mismatch = weight_mismatch(model, weights)
+        if mismatch:
+            raise EmbedError(f"{c.checkpoint}: weights do not fit model {name!r}: {mismatch}")
+        model.load_state_dict(weights, strict=True)
         domains = {p.name: embed_probe(model, tokenizer, p, self.device) for p in self.probes.sets(image_size(model))}
         trace = Trace(domains=domains, phase=c.phase if c.phase is not None else 0, step=c.step or 0, model=name,
                       extra=self._fingerprint(c, name))

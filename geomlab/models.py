@@ -114,10 +114,10 @@ def create_model(name: str, pretrained: str | None = None, precision: str = "fp3
             raise
     if kind == "file":
         sd = state_dict_of(load_checkpoint(Path(pretrained).expanduser()))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{pretrained}: weights do not fit model {name!r} "
-                             f"(missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]})")
+        mismatch = weight_mismatch(model, sd)
+        if mismatch:
+            raise ValueError(f"{pretrained}: weights do not fit model {name!r}: {mismatch}")
+        model.load_state_dict(sd)
     return model, {"train": preprocess_train, "val": preprocess_val}, CachedTokenizer(open_clip.get_tokenizer(name))
 
 
@@ -142,6 +142,26 @@ class CachedTokenizer:
 
     def __getattr__(self, name):  # context_length, vocab_size, ... as open_clip's tokenizer has them
         return getattr(self.tokenizer, name)
+
+
+def weight_mismatch(model, state_dict: dict, show: int = 3) -> str | None:
+    """None when `state_dict` fits `model` key for key and shape for shape; else the first
+    mismatches, named with their shapes (a wrong --model shows at once which tensors differ)."""
+    own = model.state_dict()
+    shape = lambda t: "×".join(map(str, t.shape)) or "scalar"  # noqa: E731
+    parts = []
+    differ = [k for k in state_dict if k in own and state_dict[k].shape != own[k].shape]
+    if differ:
+        parts.append(f"{len(differ)} tensor(s) of another shape, e.g. " + ", ".join(
+            f"{k} {shape(state_dict[k])} in the file, {shape(own[k])} in the model" for k in differ[:show]))
+    missing = [k for k in own if k not in state_dict]
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. " + ", ".join(f"{k} {shape(own[k])}" for k in missing[:show]))
+    unexpected = [k for k in state_dict if k not in own]
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. " + ", ".join(
+            f"{k} {shape(state_dict[k])}" for k in unexpected[:show]))
+    return "; ".join(parts) or None
 
 
 def image_size(model) -> int:

@@ -30,7 +30,8 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -79,8 +80,18 @@ def seed_dir(seed: int) -> str:
 
 # What `--resume` may change: how the optimizer steps and what is logged, never what is trained or
 # for how many steps (README, "Resume").
+# What a data policy changes is which records a phase holds: a resume may change it only where no
+# trained phase changes (checked against run.json's phase_pairs); the interrupted phase restarts.
+DATA_POLICY_KEYS = ("data.on_bad_sample", "data.datasets.verify_images")
 RESUME_MAY_CHANGE = ("train.lr", "train.weight_decay", "train.eps", "train.beta1", "train.beta2",
-                     "train.warmup_fraction", "train.log_every", "train.eval_batch_size", "data.num_workers")
+                     "train.warmup_fraction", "train.log_every", "train.eval_batch_size", "data.num_workers",
+                     *DATA_POLICY_KEYS)
+
+
+def _adds_strategies(old: dict, new: dict) -> bool:
+    """run.strategies of `new` keeps every strategy of `old` (and adds some)."""
+    before, after = _dotted(old, "run.strategies"), _dotted(new, "run.strategies")
+    return isinstance(before, list) and isinstance(after, list) and set(before) <= set(after)
 
 
 def _alive(pid: int) -> bool:
@@ -130,6 +141,7 @@ class Source:
     series: dict               # name -> list[Checkpoint] (first = the base phase-0 end checkpoint for runs)
     run_info: dict             # run.json, or {}
     config_path: Path | None   # the run's config.toml, when there is one
+    ignored: list = field(default_factory=list)  # files of a checkpoint folder left out, each with why
 
     def evaluations(self) -> dict[str, dict]:
         """Checkpoint key -> the trainer's "eval" row for it in its metrics.jsonl ({} for a plain
@@ -163,15 +175,40 @@ def _stems(d: Path) -> dict[str, Checkpoint]:
     return found
 
 
-def _plain_checkpoints(root: Path) -> list[Checkpoint]:
-    """A directory of open_clip checkpoints (`epoch_N.pt`, ...) in natural order; each one ends a "phase"."""
-    files = sorted((p for p in root.iterdir() if p.suffix == ".pt" and p.is_file()), key=lambda p: _natural_key(p.name))
+LATEST = "epoch_latest.pt"  # open_clip's alias of its newest epoch_N.pt (--save-most-recent)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _plain_checkpoints(root: Path) -> tuple[list[Checkpoint], list[str]]:
+    """A directory of open_clip checkpoints (`epoch_N.pt`, ...) in natural order, each one ending a
+    "phase", and the files left out, each with why. open_clip's `epoch_latest.pt` is an alias: left
+    out when its content equals an `epoch_N.pt`, else taken as the last epoch."""
+    files = sorted((p for p in root.iterdir() if p.suffix == ".pt" and p.is_file() and p.name != LATEST),
+                   key=lambda p: _natural_key(p.name))
+    ignored = sorted(f"{p.name} (not a .pt checkpoint)" for p in root.iterdir()
+                     if p.is_file() and p.suffix != ".pt" and not p.name.startswith("."))
+    latest = root / LATEST
+    if latest.is_file():
+        digest = _digest(latest)
+        twin = next((p for p in reversed(files) if p.stat().st_size == latest.stat().st_size and _digest(p) == digest), None)
+        if twin is not None:
+            ignored.insert(0, f"{LATEST} (the same file as {twin.name})")
+        else:
+            files.append(latest)
     name = root.resolve().name or "checkpoints"
     cks = []
     for i, p in enumerate(files):
         m = re.search(r"(\d+)", p.stem)
-        cks.append(Checkpoint(p.stem, name, None, int(m[1]) if m else i, True, p, None))
-    return cks
+        step = int(m[1]) if m else (cks[-1].step + 1 if cks else i)
+        cks.append(Checkpoint(p.stem, name, None, step, True, p, None))
+    return cks, ignored
 
 
 def discover(root) -> Source:
@@ -211,10 +248,11 @@ def discover(root) -> Source:
             cks = [c for c in run.checkpoints("base") if c.phase == 0 and c.phase_end][-1:] + own
         return Source("strategy", root, {root.name: cks}, run.run_json(),
                       run.config_path if run.config_path.is_file() else None)
-    cks = _plain_checkpoints(root)
+    cks, ignored = _plain_checkpoints(root)
     if not cks:
-        raise RunDirError(f"{root}: no checkpoints (*.pt files, checkpoints/ or a geomlab run) found")
-    return Source("checkpoints", root, {cks[0].strategy_dir: cks}, {}, None)
+        left = f" (left out: {'; '.join(ignored)})" if ignored else ""
+        raise RunDirError(f"{root}: no checkpoints (*.pt files, checkpoints/ or a geomlab run) found{left}")
+    return Source("checkpoints", root, {cks[0].strategy_dir: cks}, {}, None, ignored)
 
 
 # Keys that may differ between runs analysed together as one study: what makes them different seeds.
@@ -364,9 +402,22 @@ class RunDir:
                 raise RunDirError(f"{stored} is not a readable config ({e}); choose another --out") from None
             new = tomllib.loads(config_text)
             diffs = config_differences(old, new)
-            fixed = [k for k in diffs if k not in RESUME_MAY_CHANGE]
+            fixed = [k for k in diffs if k not in RESUME_MAY_CHANGE and not (
+                k == "run.strategies" and resume and _adds_strategies(old, new))]
             if fixed:
-                raise RunDirError(f"{self.root} holds a different run (config key {fixed[0]!r} differs); "
+                key = fixed[0]
+                if key == "run.strategies" and resume:
+                    gone = [s for s in _dotted(old, key) if s not in _dotted(new, key)]
+                    raise RunDirError(f"{self.root}: a resume may add strategies but not remove one "
+                                      f"({', '.join(gone)} trained here); list them too, or analyse a subset "
+                                      "with python -m geomlab.analyze")
+                if resume:
+                    raise RunDirError(
+                        f"{self.root}: config key {key!r} differs from the run's own config.toml "
+                        f"({_dotted(old, key)!r} there, {_dotted(new, key)!r} here); a resume may change only "
+                        f"{', '.join(RESUME_MAY_CHANGE)} and add strategies: drop that override (python -m "
+                        f"geomlab.train --out {self.root} --resume reads the run's own config)")
+                raise RunDirError(f"{self.root} holds a different run (config key {key!r} differs); "
                                   "choose another --out (only a run that stopped before its first checkpoint "
                                   "is begun again with a new config)")
             if not resume:
@@ -439,6 +490,8 @@ class RunDir:
             "probes": [p.name for p in trainer.stream.probes], "stream": trainer.stream.info,
             # which phases train on each probe set's data: the accuracy matrix's mapping
             "probe_phases": {p.name: list(p.phases) for p in trainer.stream.probes},
+            # pairs each phase trains on: a resume that changes a data policy may change no finished one
+            "phase_pairs": [len(p.train) for p in trainer.stream.phases],
             # "seen" or "novel" (captions held out of training): the analyser reports them apart
             "probe_kinds": {p.name: p.kind for p in trainer.stream.probes},
             "versions": {"geomlab": version, "torch": torch.__version__, "open_clip": open_clip.__version__,
@@ -513,6 +566,19 @@ class RunDir:
         if not saved:
             raise RunDirError(f"{self.strategy_path(strategy_dir)}: no checkpoint for phase {phase}")
         return saved[-1]
+
+    def restart_phase(self, strategy_dir: str, phase: int) -> None:
+        """Forget an unfinished phase's progress (its saved state, checkpoints, traces and metric
+        lines), so that it trains again from its start."""
+        state = self.load_state(strategy_dir)
+        if state is not None and state["phase"] == phase:
+            self.state_path(strategy_dir).unlink()
+        for c in self.checkpoints(strategy_dir):
+            if c.phase == phase:
+                for path in (c.checkpoint, c.trace):
+                    if path is not None:
+                        path.unlink()
+        self.truncate_metrics(strategy_dir, phase, 0)
 
     def truncate_metrics(self, strategy_dir: str, phase: int, step: int) -> None:
         """Drop metric lines written after the state we resume from (they will be written again)."""

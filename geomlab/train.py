@@ -29,7 +29,7 @@ from geomlab.embed import embed_probe
 from geomlab.geometry import retrieval_metrics
 from geomlab.io import WriteError, atomic_torch_save, load_checkpoint
 from geomlab.models import check_model_name, create_model, image_size, pretrained_kind, state_dict_of
-from geomlab.rundir import RunDir, RunDirError, checkpoint_stem
+from geomlab.rundir import DATA_POLICY_KEYS, RunDir, RunDirError, checkpoint_stem
 from geomlab.runtime import resolve_device
 from geomlab.strategies import Features, PhaseContext, get_strategy
 from geomlab.reporting import TensorBoardReport, check_report_to
@@ -49,13 +49,45 @@ def parse_args(argv=None):
     p.add_argument("--device", help="auto | cpu | cuda, shorthand for run.device")
     p.add_argument("--pretrained", help="an open_clip pretrained tag of the model (e.g. openai, laion2b_s34b_b79k) "
                    "or a local open_clip/geomlab checkpoint, shorthand for model.pretrained")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest saved state")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest saved state "
+                   "(without --config: from the run's own config.toml)")
     p.add_argument("--report-to", dest="report_to", metavar="tensorboard",
                    help="also write the metrics as TensorBoard event files, to watch a run live "
                         "(needs the tensorboard extra)")
     p.add_argument("--seeds", help="comma-separated seeds, shorthand for run.seeds: one complete run per seed")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="print the phases, probe sets, strategies and steps this command would train; write nothing")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
     return p.parse_args(argv)
+
+
+def run_config_path(args) -> str | None:
+    """The experiment file to read: --config; on --resume without it, the run's own config.toml (so
+    that a resume needs only --out and --resume, whatever overrides the run was started with)."""
+    if args.config is None and args.resume and args.out:
+        own = Path(args.out) / "config.toml"
+        if own.is_file():
+            return str(own)
+    return args.config
+
+
+def parse_args_or_hint(argv=None):
+    """parse_args, with a pointer to the KEY=VALUE form for a flag that is a config key (`--lr 1e-4`)."""
+    import sys as _sys
+    argv = list(_sys.argv[1:] if argv is None else argv)
+    from geomlab.config import SCHEMA
+    keys = {k: f"{section}.{k}" for section, table in SCHEMA.items() if isinstance(table, dict) for k in table}
+    keys.update({f"{section}.{k}": f"{section}.{k}" for section, table in SCHEMA.items() if isinstance(table, dict)
+                 for k in table})
+    known = {"--config", "--strategies", "--out", "--device", "--pretrained", "--resume", "--report-to", "--seeds",
+             "--dry-run", "--help", "-h"}
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        name = flag[2:].replace("-", "_")
+        if flag.startswith("--") and flag not in known and name in keys:
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "VALUE")
+            raise ConfigError(f"{flag} is not an option; config keys are set as KEY=VALUE: {keys[name]}={value}")
+    return parse_args(argv)
 
 
 def resolve_config(args) -> dict:
@@ -72,7 +104,7 @@ def resolve_config(args) -> dict:
         if not seeds:
             raise ConfigError("--seeds: empty seed list; give comma-separated integers, e.g. 0,1,2")
         overrides.append(f"run.seeds={seeds}")
-    config = load_config(args.config, overrides)
+    config = load_config(run_config_path(args), overrides)
     seeds = config["run"]["seeds"]
     if any(isinstance(s, bool) or s < 0 for s in seeds):
         raise ConfigError(f"run.seeds must be non-negative integers, got {seeds}")
@@ -85,7 +117,9 @@ def resolve_config(args) -> dict:
         try:
             get_strategy(name)
         except ValueError as e:
-            raise ConfigError(f"run.strategies: {e}") from None
+            hint = (" (a list on the command line: run.strategies=finetune,modx or run.strategies='[\"finetune\"]')"
+                    if name.startswith("[") or name.endswith("]") else "")
+            raise ConfigError(f"run.strategies: {e}{hint}") from None
     try:
         check_model_name(config["model"]["name"])
     except ValueError as e:
@@ -146,6 +180,36 @@ def init_distributed(device: torch.device) -> Dist:
 
 
 # ----------------------------------------------------------------------------- pieces of a phase
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: training stopped at a step boundary, after saving what --resume needs."""
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the trainer reads it at each step boundary. A second signal of the same
+    kind while stopping takes the default action (a second Ctrl-C ends the process at once)."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        import signal
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        import signal
+        self.signal = signum
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
 
 class Diverged(RuntimeError):
     """Training produced a NaN or an infinity; the message says where and what to try."""
@@ -271,7 +335,21 @@ class Trainer:
         for name in config["run"]["strategies"]:
             get_strategy(name).check_stream(self.stream)  # e.g. zscl needs a reference set
         self.num_phases = len(self.stream.phases)
+
+    def small_phases(self) -> list:
+        """The phases with fewer pairs than a batch: their batches would repeat pairs."""
+        return [p for p in self.stream.phases if len(p.train) < self.config["train"]["batch_size"]]
+
+    def check_batches(self) -> None:
+        small = self.small_phases()
+        if small and not self.config["train"]["allow_repeats"]:
+            raise ConfigError(f"train.batch_size ({self.config['train']['batch_size']}) is larger than phase "
+                              f"{small[0].name!r} ({len(small[0].train)} pairs): its batches would repeat pairs, "
+                              "copies being each other's negatives; lower train.batch_size, or set "
+                              "train.allow_repeats=true")
         self.bar = None
+        self.stop: StopRequest | None = None  # set by main: SIGINT/SIGTERM stop at the next step
+        self.out: Path | None = None  # set by main: the --out a resume names (a multi-seed run's root)
         # Mixed precision as open_clip: "amp" = float16 autocast with a gradient scaler on CUDA
         # (bfloat16 on the CPU), "amp_bf16" = bfloat16 autocast; other precisions cast the weights.
         precision = m["precision"]
@@ -430,6 +508,8 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
             strategy.load_state_dict(state.get("strategy", {}))
             start = state["step"]
+        if start and self.dist.main:
+            tqdm.write(f"resuming {strategy_dir} phase {phase} at step {start} of {total} (from {self.run.state_path(strategy_dir)})")
         # Where a --resume after a divergence would start from.
         last_good = self.run.checkpoint_path(strategy_dir, phase, start) if start else start_checkpoint
         # Lines logged after the state we start from (a crash) are dropped: they will be logged again.
@@ -464,7 +544,22 @@ class Trainer:
                 except Diverged as e:
                     raise self.diverged(strategy_dir, phase, done, e, last_good, "nothing of it written") from None
                 last_good = self.run.checkpoint_path(strategy_dir, phase, done)
+            if done < total and self.stop_requested():
+                if not (every and done % every == 0):  # (a checkpoint step has just saved its state)
+                    self.dist.on_main(lambda: self.save_state(strategy_dir, phase, done, optimizer, strategy))
+                raise Interrupted(f"interrupted at {strategy_dir} phase {phase} step {done}; saved "
+                                  f"{self.run.state_path(strategy_dir)}; continue with: python -m geomlab.train "
+                                  f"--out {self.out or self.run.root} --resume")
         self.dist.on_main(lambda: self.run.mark_complete(strategy_dir, phase))
+
+    def stop_requested(self) -> bool:
+        """A SIGINT/SIGTERM arrived (on any rank: the ranks agree, so that all stop at one step)."""
+        flag = self.stop is not None and self.stop.signal is not None
+        if self.dist.world > 1:
+            t = torch.tensor([int(flag)], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
 
     def diverged(self, strategy_dir, phase, step, error, last_good, what) -> Diverged:
         """The one-line report of a divergence at `step` of `phase`."""
@@ -504,6 +599,40 @@ class Trainer:
             self.report.close()
 
 
+def describe(trainer: "Trainer", config: dict, root: RunDir) -> str:
+    """What a run of `config` would train (`--dry-run`): phases, probe sets, strategies, steps."""
+    stream, t = trainer.stream, config["train"]
+    seeds = config["run"]["seeds"] or [config["run"]["seed"]]
+    lines = [f"would write {root.root} · model {config['model']['name']} (pretrained: "
+             f"{config['model']['pretrained'] or 'none'}) · device {trainer.device} · seeds {seeds} · batch "
+             f"{t['batch_size']}", "phases:"]
+    for p, phase in enumerate(stream.phases):
+        n = len(phase.train)
+        steps = phase_steps(config, p, n)
+        who = "base model" if p == 0 else "each strategy"
+        lines.append(f"  {p} {phase.name:24s} {n:>9,} pairs  {steps:>6,} steps ({steps * t['batch_size'] / n:.1f} "
+                     f"epochs), {who}")
+    lines.append("probe sets (images, captions; the phases that train on their data):")
+    for probe in stream.probes:
+        measured = ", ".join(map(str, probe.phases)) or "none (never trained on)"
+        lines.append(f"  {probe.name:26s} {len(probe.ids):>7,} {len(probe.captions):>7,}  phase {measured}"
+                     + ("" if probe.kind == "seen" else f" ({probe.kind})"))
+    if stream.reference is not None:
+        lines.append(f"reference set: {len(stream.reference):,} pairs, {len(stream.reference_texts or []):,} texts")
+    for zs in stream.zeroshot:
+        lines.append(f"zero-shot: {zs.name} ({len(zs.labels):,} images, {len(zs.classes)} classes)")
+    lines.append("strategies:")
+    for name in config["run"]["strategies"]:
+        options = ", ".join(f"{k}={v}" for k, v in config.get(name, {}).items())
+        lines.append(f"  {name}" + (f" ({options})" if options else ""))
+    for phase in trainer.small_phases():
+        allowed = ("allowed by train.allow_repeats" if t["allow_repeats"] else
+                   "a run is refused unless train.allow_repeats = true")
+        lines.append(f"warning: phase {phase.name!r} has {len(phase.train)} pairs, fewer than a batch "
+                     f"({t['batch_size']}): its batches would repeat pairs ({allowed})")
+    return "\n".join(lines)
+
+
 def seed_runs(config: dict, root: RunDir) -> list[tuple[dict, RunDir]]:
     """(config, run directory) of each complete run to train: one per run.seeds inside `root`, each
     with run.seed = s and run.seeds = [] (a single-seed run of its own), or `root` itself."""
@@ -519,9 +648,30 @@ def seed_runs(config: dict, root: RunDir) -> list[tuple[dict, RunDir]]:
 
 def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: dict) -> int:
     """Write the run's config.toml and run.json (recording what a resume `changed`), train every
-    phase, print the summary. 2 on bad data or a failed write, 3 when training diverged."""
+    phase, print the summary. 2 on bad data or a failed write, 3 when training diverged, 130 when
+    stopped by SIGINT/SIGTERM."""
+
+    def restart_for_data_policy():
+        """A resume that changes a data policy (on_bad_sample, verify_images): allowed when every
+        finished phase keeps its pairs; each unfinished phase then starts again from its start."""
+        what = ", ".join(k for k in changed if k in DATA_POLICY_KEYS)
+        before = run.run_json().get("phase_pairs")
+        now = [len(p.train) for p in trainer.stream.phases]
+        if before is None:
+            raise RunDirError(f"{run.root}: its run.json does not record each phase's pairs (an older run), so "
+                              f"a resume cannot check that changing {what} leaves its trained phases as they were")
+        finished = {p for d in ["base", *config["run"]["strategies"]] for p in (run.completed_phases(d) or [])}
+        for p in sorted(finished):
+            if before[p] != now[p]:
+                raise RunDirError(f"{run.root}: changing {what} changes phase {p} ({trainer.stream.phases[p].name}: "
+                                  f"{before[p]} pairs trained, {now[p]} now), which is finished; start a new run "
+                                  "with another --out")
+        for d, _, p in trainer.todo():
+            run.restart_phase(d, p)
 
     def start():
+        if set(changed) & set(DATA_POLICY_KEYS):
+            restart_for_data_policy()
         at = {}  # where each unfinished strategy directory resumes: the changes apply from there on
         for d, _, p in trainer.todo() if changed else ():
             at.setdefault(d, [p, run.resume_step(d, p)])
@@ -549,6 +699,12 @@ def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: 
                 e, WriteError) else ""
             print(f"geomlab.train: error: {e}{hint}", file=sys.stderr)
         return 3 if isinstance(e, Diverged) else 2
+    except Interrupted as e:
+        if trainer.bar is not None:
+            trainer.bar.close()
+        if dist.main:
+            print(str(e), file=sys.stderr)
+        return 130
     if dist.main:
         print(run.summary(config))
         if trainer.stream.skipped:
@@ -558,7 +714,11 @@ def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: 
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args_or_hint(argv)
+    except ConfigError as e:
+        print(f"geomlab.train: error: {e}", file=sys.stderr)
+        return 2
     dist, lock = Dist(), None
     try:
         check_report_to(args.report_to)
@@ -575,9 +735,14 @@ def main(argv=None) -> int:
                 root.check(config, dumps(config), resume=args.resume)
             return [run.check(one, dumps(one), resume=args.resume) for one, run in runs]
 
+        if args.dry_run:  # before any check of --out: a dry run looks at nothing there and writes nothing
+            torch.manual_seed(runs[0][0]["run"]["seed"])
+            print(describe(Trainer(*runs[0], dist), config, root))
+            return 0
         check()
         torch.manual_seed(runs[0][0]["run"]["seed"])
         trainer = Trainer(*runs[0], dist, args.report_to)  # builds the model and the data stream; writes nothing
+        trainer.check_batches()
         # One writer per run directory: rank 0 takes it for every rank, then checks again, as a
         # trainer that held it until now may have written meanwhile.
         lock = dist.on_main(root.lock)
@@ -597,13 +762,15 @@ def main(argv=None) -> int:
                 if dist.main:
                     print(f"geomlab.train: error: {e}", file=sys.stderr)
                 return 2
-        for k, (one, run) in enumerate(runs):
-            if k:  # each seed its own base model, from its own initial weights
-                torch.manual_seed(one["run"]["seed"])
-                trainer = Trainer(one, run, dist, args.report_to)
-            status = train_run(trainer, one, run, dist, changes[k])
-            if status:
-                return status
+        with StopRequest() as stop:
+            for k, (one, run) in enumerate(runs):
+                if k:  # each seed its own base model, from its own initial weights
+                    torch.manual_seed(one["run"]["seed"])
+                    trainer = Trainer(one, run, dist, args.report_to)
+                trainer.stop, trainer.out = stop, root.root
+                status = train_run(trainer, one, run, dist, changes[k])
+                if status:
+                    return status
     finally:
         if lock is not None:
             lock.release()

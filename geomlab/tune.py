@@ -311,6 +311,10 @@ def main(argv=None) -> int:
                         continue
                     seed_point_dir(reference, run, dumps(one))
                 status, job.error = train_point(run, one, run.root.parent / f"{run.root.name}.log")
+                if status == 130:  # Ctrl-C: the point saved its state; the tune stops, resumable
+                    bar.close()
+                    print(f"geomlab.tune: interrupted in {run.root}; rerun the same command to resume", file=sys.stderr)
+                    return 130
                 if status:
                     job.status = "failed"
                     tqdm.write(f"{run.root}: failed: {job.error}")

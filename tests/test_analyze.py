@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from geomlab.figures import headline_numbers
 from geomlab.data import shapes
 from geomlab.geometry.synthetic import synthetic_run
 from geomlab.io import atomic_torch_save
+from geomlab import rundir as rundir_module
 from geomlab.rundir import RunDir
 from geomlab.traces import read_trace, write_trace
 
@@ -270,6 +272,37 @@ def test_plain_directory_of_open_clip_checkpoints(tmp_path):
     assert {c["source"] for c in a2["strategies"]["checkpoints"]["checkpoints"]} == {"cache"}
     assert a2["strategies"]["checkpoints"]["accuracy"] == s["accuracy"]
     assert tree_digest(ckpts) == before
+
+
+def test_open_clip_folder_epoch_latest_alias_ignored_files_and_wrong_model(tmp_path, capsys):
+    """epoch_latest.pt duplicating epoch_N.pt is left out (same accuracy matrix as without it); alone it
+    is the last epoch; files that are not checkpoints are listed in one line; a wrong --model names the
+    tensors that differ, with their shapes."""
+    plain, alias = tmp_path / "plain", tmp_path / "alias"
+    for d in (plain, alias):
+        d.mkdir()
+        for epoch in (1, 2):
+            torch.save({"epoch": epoch, "name": "exp", "state_dict": tiny_state(epoch)}, d / f"epoch_{epoch}.pt")
+    shutil.copyfile(alias / "epoch_2.pt", alias / "epoch_latest.pt")
+    (alias / "open_clip_pytorch_model.bin").write_bytes(b"not a checkpoint")
+    args = ["--model", "geomlab-tiny", "--probe", "shapes", "-q", "--no-report"]
+    assert main([str(plain), *args]) == 0
+    assert main([str(alias), *args]) == 0
+    err = capsys.readouterr().err
+    assert err.count("left out of") == 1 and "epoch_latest.pt (the same file as epoch_2.pt)" in err
+    assert "open_clip_pytorch_model.bin (not a .pt checkpoint)" in err
+    acc = [json.loads((d / "analysis" / "analysis.json").read_text())["strategies"][d.name]["accuracy"]
+           for d in (plain, alias)]
+    assert acc[0]["rows"] == acc[1]["rows"] == ["epoch_1", "epoch_2"] and acc[0]["matrix"] == acc[1]["matrix"]
+    # epoch_latest.pt alone (its twin gone): the last epoch
+    (alias / "epoch_2.pt").unlink()
+    cks, _ = rundir_module._plain_checkpoints(alias)
+    assert [c.stem for c in cks] == ["epoch_1", "epoch_latest"] and cks[-1].step == 2
+    # a wrong --model: the first mismatched tensors with both shapes
+    assert main([str(plain), "--model", "geomlab-small", "--probe", "shapes", "-q", "--no-report",
+                 "--out", str(tmp_path / "wrong")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "weights do not fit model 'geomlab-small'" in line and " in the file, " in line and " in the model" in line, line
 
 
 def test_run_without_traces_embeds_checkpoints(tmp_path):

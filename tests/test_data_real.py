@@ -198,7 +198,7 @@ def _bad_inputs(root: Path):
     ann3["images"][2]["file_name"] = "000000000099.jpg"
     (root / "coco/annotations/missing.json").write_text(json.dumps(ann3))
     cases.append(("missing image", [dict(coco, path="coco/annotations/missing.json")],
-                  ["000000000099.jpg", "image id 1002", "does not exist"], True))
+                  ["000000000099.jpg", "image id 1002", "does not exist", "missing.json", "source 'coco'"], True))
 
     ann2 = json.loads(json.dumps(ann))
     ann2["annotations"][6]["caption"] = "   "

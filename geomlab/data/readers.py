@@ -123,7 +123,8 @@ def _finish(records, source, path, bad: Bad, limit: int = 0, check_files: bool =
         if limit and len(out) >= limit:
             break
         if check_files and not os.path.isfile(r.image):
-            bad(source, r.image, r.ref, "image file does not exist")
+            # named by its record in the annotation / caption file, the image path, and the source
+            bad(source, path, f"{r.ref}, image {r.image}", f"image file does not exist (source {source!r})")
             continue
         _clean_captions(r, source, path, bad)
         if not r.captions:

@@ -1,0 +1,183 @@
+"""A new user's first hour through the CLI: resume from the run's own config, a clean Ctrl-C,
+adding a strategy to a run, flag hints, --dry-run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from geomlab import train
+from geomlab.io import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+[run]
+name = "mine"
+strategies = ["finetune"]
+[model]
+name = "geomlab-tiny"
+[data]
+stream = "shapes"
+probe_size = 16
+[data.shapes]
+domains = 2
+train_size = 96
+[train]
+batch_size = 16
+base_steps = 4
+checkpoint_every = 4
+log_every = 1
+"""
+# overrides the run was started with: a resume without --config must not need them again
+OVERRIDES = ["train.steps=40", "data.probe_size=12"]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "geomlab.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def weights(run: Path, strategy: str, phase: int, step: int) -> dict:
+    return load_checkpoint(run / strategy / "checkpoints" / f"phase{phase}_step{step:06d}.pt")["state_dict"]
+
+
+def mtimes(path: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in path.rglob("*")}
+
+
+def test_ctrl_c_stops_cleanly_and_a_resume_from_the_runs_own_config_matches(tmp_path):
+    config = tmp_path / "mine.toml"
+    config.write_text(CONFIG)
+    whole = tmp_path / "whole"
+    assert cli("--config", str(config), "--out", str(whole), *OVERRIDES).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "geomlab.train", "--config", str(config), "--out", str(cut),
+                             *OVERRIDES], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = cut / "finetune" / "state.pt"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert last.startswith("interrupted at finetune phase 1 step ") and "Traceback" not in err, err[-2000:]
+    assert f"continue with: python -m geomlab.train --out {cut} --resume" in last
+    saved = load_checkpoint(state)
+    assert saved["phase"] == 1 and 0 < saved["step"] < 40 and f"step {saved['step']};" in last
+
+    # the same command minus the overrides, even minus --config: the run's own config.toml
+    resumed = cli("--out", str(cut), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming finetune phase 1 at step {saved['step']} of 40" in resumed.stderr
+    a, b = weights(whole, "finetune", 1, 40), weights(cut, "finetune", 1, 40)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+    # an override that a resume may not change: the key is named, and the advice is not another --out
+    refused = cli("--out", str(cut), "--resume", "train.steps=50")
+    assert refused.returncode == 2
+    line = refused.stderr.strip()
+    assert len(line.splitlines()) == 1 and "'train.steps'" in line and "choose another --out" not in line, line
+
+    # adding a strategy trains only it, from the shared base; the base's files are untouched
+    before = mtimes(cut / "base")
+    added = cli("--out", str(cut), "--resume", "--strategies", "finetune,wise")
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert mtimes(cut / "base") == before
+    assert (cut / "wise" / "checkpoints" / "phase1_step000040.pt").is_file()
+    removed = cli("--out", str(cut), "--resume", "--strategies", "wise")
+    assert removed.returncode == 2 and "not remove" in removed.stderr and "finetune" in removed.stderr
+
+
+def test_flags_that_are_config_keys_and_bare_lists_get_a_hint(capsys):
+    assert train.main(["--lr", "1e-4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.lr=1e-4" in err, err
+    assert train.main(["run.strategies=[finetune]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown strategy '[finetune]'" in err and "run.strategies=finetune,modx" in err, err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert train.main(["--out", str(out), "--dry-run", "--strategies", "finetune,modx", "data.shapes.domains=2",
+                       "data.shapes.train_size=40", "data.probe_size=8", "train.batch_size=64"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+    assert "0 d0_basic" in text and "1 d1_neon" in text and "40 pairs" in text
+    assert "d0_basic/novel" in text and "phase 0" in text and "modx (alpha=20.0" in text
+    assert "warning: phase 'd0_basic' has 40 pairs, fewer than a batch (64)" in text and "refused unless" in text
+    # without the option a batch larger than a phase is refused, before anything is written
+    assert train.main(["--out", str(out), "--strategies", "finetune", "data.shapes.domains=2",
+                       "data.shapes.train_size=40", "data.probe_size=8", "train.batch_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "train.allow_repeats" in err and "'d0_basic' (40 pairs)" in err
+    assert not out.exists()
+
+
+def test_a_bad_image_skipped_on_resume_keeps_the_finished_phases_bit_for_bit(tmp_path, capsys):
+    import hashlib
+    import json
+
+    from test_data_real import FLICKR_TEST, config_text, make_csv, make_karpathy
+    make_karpathy(tmp_path, n_train=2, n_test=4)
+    make_csv(tmp_path, n=8, bad="truncated")  # image 203 ("indoor") is cut in half
+    sources = [{"name": "csv", "format": "csv", "path": "csv/train.csv", "key": "domain",
+                "key_values": ["outdoor", "indoor"]}, FLICKR_TEST]  # the bad image trains in phase 1
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(config_text(tmp_path, sources).replace("batch_size = 8", "batch_size = 4"))
+    out = tmp_path / "run"
+    assert train.main(["--config", str(cfg), "--out", str(out)]) == 2
+    assert "203.jpg" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["completed"] == {"base": [0]}
+
+    def digests(d: Path) -> dict:
+        return {p.relative_to(d): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    base = digests(out / "base")
+    assert train.main(["--out", str(out), "--resume", "data.on_bad_sample=skip"]) == 0
+    assert digests(out / "base") == base
+    info = json.loads((out / "run.json").read_text())
+    assert info["completed"] == {"base": [0], "finetune": [1]} and len(info["skipped_records"]) == 1
+    (resume,) = info["resumes"]
+    assert resume["changed"] == {"data.on_bad_sample": ["error", "skip"]} and resume["at"] == {"finetune": [1, 0]}
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    after = text.split(f"<!-- {marker} -->", 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]
+
+
+def test_the_readmes_own_data_walkthrough_runs_as_written(tmp_path):
+    """Every command of the README's "Your own data, step by step", on generated photos."""
+    from test_data_real import write_image
+    for name, offset in (("photos.csv", 0), ("heldout.csv", 500)):
+        rows = ["filepath,title,domain"]
+        for k in range(18 if name == "photos.csv" else 6):
+            i = offset + k
+            domain = ("outdoor", "indoor", "studio")[k % 3]
+            write_image(tmp_path / "mydata" / "img" / f"{i}.jpg", i)
+            rows.append(f"img/{i}.jpg,photo number {i} taken {domain},{domain}")
+        (tmp_path / "mydata" / name).write_text("\n".join(rows) + "\n")
+    (tmp_path / "mine.toml").write_text(_readme_block("walkthrough-config"))
+    commands = [c for c in _readme_block("walkthrough-commands").splitlines() if c.strip()]
+    assert len(commands) == 4
+    outputs = []
+    for command in commands:
+        argv = command.split()
+        assert argv[:2] == ["python", "-m"]
+        r = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (command, r.stderr[-2000:])
+        outputs.append(r)
+        if "--dry-run" in argv:
+            assert not (tmp_path / "runs").exists()
+            assert "photos_outdoor" in r.stdout and "heldout_studio" in r.stdout and "modx (alpha=" in r.stdout
+    run = tmp_path / "runs" / "mine"
+    assert (run / "modx" / "checkpoints").is_dir() and (run / "analysis" / "analysis.json").is_file()
+    assert outputs[-1].stdout.strip().endswith("runs/mine/analysis/report.html")
