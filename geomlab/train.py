@@ -335,18 +335,6 @@ class Trainer:
         for name in config["run"]["strategies"]:
             get_strategy(name).check_stream(self.stream)  # e.g. zscl needs a reference set
         self.num_phases = len(self.stream.phases)
-
-    def small_phases(self) -> list:
-        """The phases with fewer pairs than a batch: their batches would repeat pairs."""
-        return [p for p in self.stream.phases if len(p.train) < self.config["train"]["batch_size"]]
-
-    def check_batches(self) -> None:
-        small = self.small_phases()
-        if small and not self.config["train"]["allow_repeats"]:
-            raise ConfigError(f"train.batch_size ({self.config['train']['batch_size']}) is larger than phase "
-                              f"{small[0].name!r} ({len(small[0].train)} pairs): its batches would repeat pairs, "
-                              "copies being each other's negatives; lower train.batch_size, or set "
-                              "train.allow_repeats=true")
         self.bar = None
         self.stop: StopRequest | None = None  # set by main: SIGINT/SIGTERM stop at the next step
         self.out: Path | None = None  # set by main: the --out a resume names (a multi-seed run's root)
@@ -359,6 +347,18 @@ class Trainer:
             self.autocast = functools.partial(torch.autocast, self.device.type, dtype=half)
             if half is torch.float16:
                 self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def small_phases(self) -> list:
+        """The phases with fewer pairs than a batch: their batches would repeat pairs."""
+        return [p for p in self.stream.phases if len(p.train) < self.config["train"]["batch_size"]]
+
+    def check_batches(self) -> None:
+        small = self.small_phases()
+        if small and not self.config["train"]["allow_repeats"]:
+            raise ConfigError(f"train.batch_size ({self.config['train']['batch_size']}) is larger than phase "
+                              f"{small[0].name!r} ({len(small[0].train)} pairs): its batches would repeat pairs, "
+                              "copies being each other's negatives; lower train.batch_size, or set "
+                              "train.allow_repeats=true")
 
     # -- evaluation and checkpoints (rank 0 only)
 
@@ -509,7 +509,8 @@ class Trainer:
             strategy.load_state_dict(state.get("strategy", {}))
             start = state["step"]
         if start and self.dist.main:
-            tqdm.write(f"resuming {strategy_dir} phase {phase} at step {start} of {total} (from {self.run.state_path(strategy_dir)})")
+            tqdm.write(f"resuming {strategy_dir} phase {phase} at step {start} of {total} "
+                       f"(from {self.run.state_path(strategy_dir)})", file=sys.stderr)
         # Where a --resume after a divergence would start from.
         last_good = self.run.checkpoint_path(strategy_dir, phase, start) if start else start_checkpoint
         # Lines logged after the state we start from (a crash) are dropped: they will be logged again.

@@ -159,7 +159,7 @@ def test_the_readmes_own_data_walkthrough_runs_as_written(tmp_path):
     from test_data_real import write_image
     for name, offset in (("photos.csv", 0), ("heldout.csv", 500)):
         rows = ["filepath,title,domain"]
-        for k in range(18 if name == "photos.csv" else 6):
+        for k in range(30 if name == "photos.csv" else 9):  # 10 pairs a phase: more than a batch
             i = offset + k
             domain = ("outdoor", "indoor", "studio")[k % 3]
             write_image(tmp_path / "mydata" / "img" / f"{i}.jpg", i)

@@ -123,8 +123,8 @@ def _finish(records, source, path, bad: Bad, limit: int = 0, check_files: bool =
         if limit and len(out) >= limit:
             break
         if check_files and not os.path.isfile(r.image):
-            # named by its record in the annotation / caption file, the image path, and the source
-            bad(source, path, f"{r.ref}, image {r.image}", f"image file does not exist (source {source!r})")
+            # the image, its record in the annotation / caption file, and the source
+            bad(source, r.image, f"{r.ref} of {path}", f"image file does not exist (source {source!r})")
             continue
         _clean_captions(r, source, path, bad)
         if not r.captions:
