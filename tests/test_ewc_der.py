@@ -10,30 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from geomlab import train
-from geomlab.config import load_config
 from geomlab.kernels import reference
-from geomlab.rundir import RunDir
 from geomlab.strategies import Features
 from geomlab.strategies.ewc import FISHER_ORDER, diagonal_fisher, per_sample_clip_losses
 
 SMALL = ["data.probe_size=8", "data.shapes.domains=3", "data.shapes.train_size=32", "train.batch_size=16",
          "data.shapes.reference_size=40"]
-
-
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    torch.manual_seed(0)
-    t = train.Trainer(load_config(None, SMALL), run=RunDir(tmp_path_factory.mktemp("run")), dist=train.Dist())
-    t.initial = copy.deepcopy(t.model.state_dict())
-    return t
-
-
-@pytest.fixture
-def fresh(trainer, tmp_path, monkeypatch):
-    """The trainer with the initial weights and an empty run directory of its own."""
-    trainer.model.load_state_dict(trainer.initial)
-    monkeypatch.setattr(trainer, "run", RunDir(tmp_path))
-    return trainer
 
 
 def unit(n, d, seed, dtype=torch.float64):

@@ -23,33 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from geomlab import train
-from geomlab.config import load_config, resolve
+from geomlab.config import resolve
 from geomlab.data import DataError, build_stream
 from geomlab.io import atomic_torch_save, load_checkpoint
 from geomlab.kernels import ModxOptions, reference
-from geomlab.rundir import RunDir
 from geomlab.strategies import Features, get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.probe_size=8", "data.shapes.domains=3", "data.shapes.train_size=32", "train.batch_size=16",
          "data.shapes.reference_size=40"]
-
-
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    torch.manual_seed(0)
-    t = train.Trainer(load_config(None, SMALL), run=RunDir(tmp_path_factory.mktemp("run")), dist=train.Dist())
-    t.initial = copy.deepcopy(t.model.state_dict())
-    return t
-
-
-@pytest.fixture
-def fresh(trainer, tmp_path, monkeypatch):
-    """The trainer with the initial weights and an empty run directory of its own (strategies save
-    their cross-phase state there)."""
-    trainer.model.load_state_dict(trainer.initial)
-    monkeypatch.setattr(trainer, "run", RunDir(tmp_path))
-    return trainer
 
 
 def train_steps(trainer, start_weights, strategy_name, steps=4, phase=1, strategy_dir="s", trained=None):

@@ -3,7 +3,6 @@
 into the text encoder), and its reference data: ShapeWorld's reference domain shares no attribute
 combination, caption or id with any probe or training split; real reference sources sharing a
 caption or an image with a probe are refused."""
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from geomlab import train
-from geomlab.config import load_config, resolve
+from geomlab.config import resolve
 from geomlab.data import DataError, build_stream
 from geomlab.data import shapes as S
 from geomlab.io import atomic_torch_save
 from geomlab.kernels import reference
-from geomlab.rundir import RunDir
 from geomlab.strategies import Features
 from geomlab.strategies.zscl import distillation
 
@@ -75,14 +73,6 @@ def test_the_ranks_shares_add_up_to_the_whole():
 
 
 # --- on the trainer --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    torch.manual_seed(0)
-    t = train.Trainer(load_config(None, SMALL), run=RunDir(tmp_path_factory.mktemp("run")), dist=train.Dist())
-    t.initial = copy.deepcopy(t.model.state_dict())
-    return t
 
 
 def zscl_at_phase_2(trainer):
