@@ -345,6 +345,10 @@ def print_summary(result: dict, out: Path, report: Path | None) -> None:
             print(f"  {'  novel':<12} Last {_fmt(n['last'])}  Avg {_fmt(n['avg'])}  BWT {_fmt(n['bwt'], '+.3f')}"
                   f"  forgetting {_fmt(n['mean_forgetting'])}  Transfer {_fmt(n['transfer'])}"
                   f"  domain-0 R@1 {_fmt(n['domain0_r1'])} (seen {_fmt(h['domain0_r1'])})")
+    if src["kind"] != "checkpoints" and any(a.get("accuracy", {}).get("learned_at") is None
+                                            for a in result["strategies"].values()):
+        print("  (Avg, BWT, forgetting, Transfer: n/a because no probe set is mapped to the phase that learns "
+              "it: give each probe source measures = [\"TRAIN SOURCE\"], docs/definitions.md, \"Accuracy matrix\")")
     print(f"analysis: {out / 'analysis.json'}")
     if report is not None:
         print(f"report: {report}")

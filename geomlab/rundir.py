@@ -600,7 +600,8 @@ class RunDir:
 
     def summary(self, config: dict) -> str:
         base = self.accuracy_rows("base").get(0, {})
-        probes = list(base)
+        order = self.run_json().get("probes") or []  # stream order (metrics.jsonl sorts its keys)
+        probes = [p for p in order if p in base] + [p for p in base if p not in order]
         lines = [f"run: {self.root}", "mean R@1 (image→text, text→image) per probe set after each phase:",
                  f"  {'':14s} " + " ".join(f"{p:>{max(8, len(p))}s}" for p in probes)]
         lines.append(f"  {'base p0':14s} " + " ".join(f"{base[p]:{max(8, len(p))}.3f}" for p in probes))

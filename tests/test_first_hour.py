@@ -34,7 +34,7 @@ checkpoint_every = 4
 log_every = 1
 """
 # overrides the run was started with: a resume without --config must not need them again
-OVERRIDES = ["train.steps=40", "data.probe_size=12"]
+OVERRIDES = ["train.steps=24", "data.probe_size=12"]
 
 
 def cli(*args, timeout=300):
@@ -70,13 +70,13 @@ def test_ctrl_c_stops_cleanly_and_a_resume_from_the_runs_own_config_matches(tmp_
     assert last.startswith("interrupted at finetune phase 1 step ") and "Traceback" not in err, err[-2000:]
     assert f"continue with: python -m geomlab.train --out {cut} --resume" in last
     saved = load_checkpoint(state)
-    assert saved["phase"] == 1 and 0 < saved["step"] < 40 and f"step {saved['step']};" in last
+    assert saved["phase"] == 1 and 0 < saved["step"] < 24 and f"step {saved['step']};" in last
 
     # the same command minus the overrides, even minus --config: the run's own config.toml
     resumed = cli("--out", str(cut), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming finetune phase 1 at step {saved['step']} of 40" in resumed.stderr
-    a, b = weights(whole, "finetune", 1, 40), weights(cut, "finetune", 1, 40)
+    assert f"resuming finetune phase 1 at step {saved['step']} of 24" in resumed.stderr
+    a, b = weights(whole, "finetune", 1, 24), weights(cut, "finetune", 1, 24)
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
 
     # an override that a resume may not change: the key is named, and the advice is not another --out
@@ -90,7 +90,7 @@ def test_ctrl_c_stops_cleanly_and_a_resume_from_the_runs_own_config_matches(tmp_
     added = cli("--out", str(cut), "--resume", "--strategies", "finetune,wise")
     assert added.returncode == 0, added.stderr[-2000:]
     assert mtimes(cut / "base") == before
-    assert (cut / "wise" / "checkpoints" / "phase1_step000040.pt").is_file()
+    assert (cut / "wise" / "checkpoints" / "phase1_step000024.pt").is_file()
     removed = cli("--out", str(cut), "--resume", "--strategies", "wise")
     assert removed.returncode == 2 and "not remove" in removed.stderr and "finetune" in removed.stderr
 
@@ -181,3 +181,31 @@ def test_the_readmes_own_data_walkthrough_runs_as_written(tmp_path):
     run = tmp_path / "runs" / "mine"
     assert (run / "modx" / "checkpoints").is_dir() and (run / "analysis" / "analysis.json").is_file()
     assert outputs[-1].stdout.strip().endswith("runs/mine/analysis/report.html")
+
+
+def test_the_end_of_training_table_keeps_whole_names_aligned(tmp_path):
+    """The summary the trainer prints: full probe-set names, columns under their headers, one probe
+    set included (a golden output)."""
+    import json
+
+    from geomlab.rundir import RunDir
+
+    def eval_row(phase, r1):
+        return {"kind": "eval", "phase": phase, "step": 10, "phase_end": True,
+                "retrieval": {p: {"image_to_text_R@1": v, "text_to_image_R@1": v} for p, v in r1.items()}}
+    for name, probes in (("one", ["heldout_indoor_photos"]), ("two", ["heldout_indoor_photos", "d0"])):
+        run = RunDir(tmp_path / name)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps({"probes": probes}))  # columns in stream order
+        run.append_metrics("base", eval_row(0, {p: 0.5 for p in probes}))
+        run.append_metrics("finetune", eval_row(1, {p: 0.25 for p in probes}))
+        text = run.summary({"run": {"strategies": ["finetune"]}})
+        body = text.split("\n", 2)[2]
+        if name == "one":
+            assert body == ("                 heldout_indoor_photos\n"
+                            "  base p0                        0.500\n"
+                            "  finetune p1                    0.250")
+        else:
+            assert body == ("                 heldout_indoor_photos       d0\n"
+                            "  base p0                        0.500    0.500\n"
+                            "  finetune p1                    0.250    0.250")
