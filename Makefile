@@ -16,12 +16,12 @@ demo: $(STAMP)
 	$(PY) -m geomlab.analyze runs/demo
 
 # Each strategy's strength chosen on the validation seeds (100, 101): writes experiments/tuned/shapes_5phase.toml
-# (the committed file is the one the study uses). About 45 minutes on 2 cores; rerun to resume.
+# (the committed file is the one the study uses). 58 runs: 1 h 22 min on this 2-core machine (not idle throughout); rerun to resume.
 tune: $(STAMP)
 	$(PY) -m geomlab.tune experiments/shapes_baselines.toml --out runs/tune --tuned-out experiments/tuned/shapes_5phase.toml
 
 # Every strategy on the test seeds 0-4 with the tuned values: the baseline comparison with confidence
-# intervals (about 30 minutes on 2 cores).
+# intervals (45 runs and 5 base models: about 75 minutes on this 2-core machine, at the tune's 70-120 s a run).
 study: $(STAMP)
 	$(PY) -m geomlab.train --config experiments/shapes_baselines.toml --out runs/study --resume
 	$(PY) -m geomlab.analyze runs/study

@@ -172,3 +172,26 @@ def test_a_study_on_a_validation_seed_is_refused(tmp_path, capsys):
         load_config(config, ["run.seed=100"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(config, ["run.tuned='missing.toml'"])
+
+
+def test_the_study_takes_the_committed_tuned_values_on_seeds_tuning_never_saw():
+    from geomlab.strategies import STRATEGIES
+    config = load_config(ROOT / "experiments" / "shapes_baselines.toml")
+    tuned = tomllib.loads((ROOT / "experiments" / "tuned" / "shapes_5phase.toml").read_text())
+    knobbed = {s for s in config["run"]["strategies"] if STRATEGIES[s].knob is not None}
+    assert set(tuned["values"]) == knobbed == set(config["tune"]["grid"])
+    for strategy, values in tuned["values"].items():
+        assert values == {STRATEGIES[strategy].knob[0]: config[strategy][STRATEGIES[strategy].knob[0]]}
+        assert values[STRATEGIES[strategy].knob[0]] in config["tune"]["grid"][strategy][STRATEGIES[strategy].knob[0]]
+    assert tuned["provenance"]["grid"] == config["tune"]["grid"]  # made from this very grid
+    assert config["run"]["seeds"] == [0, 1, 2, 3, 4]
+    assert not set(config["run"]["seeds"]) & set(tuned["provenance"]["validation_seeds"])
+    # every point on every validation seed is in the table, and the choice is its best mean Last
+    rows = [r for r in tuned["table"] if r["strategy"] in knobbed]
+    assert len(rows) == sum(len(v) for g in config["tune"]["grid"].values() for v in g.values()) * len(
+        tuned["provenance"]["validation_seeds"])
+    for strategy, values in tuned["values"].items():
+        mine = [r for r in rows if r["strategy"] == strategy]
+        means = {v: sum(r["last"] for r in mine if r["value"] == v) / len(tuned["provenance"]["validation_seeds"])
+                 for v in {r["value"] for r in mine}}
+        assert means[next(iter(values.values()))] == pytest.approx(max(means.values()), abs=1e-12)
