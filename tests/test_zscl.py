@@ -3,7 +3,6 @@
 into the text encoder), and its reference data: ShapeWorld's reference domain shares no attribute
 combination, caption or id with any probe or training split; real reference sources sharing a
 caption or an image with a probe are refused."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,17 +168,8 @@ def test_shapes_reference_shares_no_combination_caption_or_id_with_any_probe_or_
     assert len(set(ref.captions)) == 1000 and len(set(stream.reference_texts)) == 2000
 
 
-def write_csv(root: Path, name: str, images: list[int], captions: str = "a picture number {}") -> dict:
-    from PIL import Image
-    rows = ["filepath,title"]
-    for i in images:
-        Image.new("RGB", (16, 16), (40 * i % 256, 90, 200)).save(root / f"{i}.png")
-        rows.append(f"{i}.png,{captions.format(i)}")
-    (root / name).write_text("\n".join(rows) + "\n")
-    return {"name": name[:-4], "format": "csv", "path": name}
-
-
 def test_real_reference_sharing_a_caption_or_an_image_with_a_probe_is_refused(tmp_path):
+    from test_strategies import write_csv
     train_src, probe_src = write_csv(tmp_path, "train.csv", [0, 1]), write_csv(tmp_path, "probe.csv", [3, 4])
 
     def stream(ref):
