@@ -111,6 +111,9 @@ SCHEMA: dict = {
         "steps": 200,                # optimizer steps per continual phase (used when epochs = 0)
         "epochs": 0,                 # > 0: train this many epochs of the phase's data instead of `steps`
         "base_steps": 0,             # steps for the base phase (0 = same as `steps`)
+        "base": "train",             # train: phase 0 trains the base model on the stream's first phase;
+                                     # pretrained: no base phase, the model.pretrained weights are phase 0
+                                     # (row 0 of the accuracy matrix) and the stream's phases are 1..N
         "checkpoint_every": 0,       # steps between checkpoints inside a phase (0 = phase end only)
         "log_every": 10,
         "allow_repeats": False,      # true: allow a batch larger than a phase (its pairs then repeat within
@@ -173,6 +176,7 @@ CHOICES = {
     ("modx", "reduction"): REDUCTIONS,
     ("der", "target"): ("logits", "embedding"),
     ("tune", "criterion"): ("last", "avg"),
+    ("train", "base"): ("train", "pretrained"),
 }
 
 
@@ -292,6 +296,15 @@ def _defaults(schema: dict) -> dict:
     """A deep copy of `schema` with every TableList replaced by its default, an empty list."""
     return {k: _defaults(v) if isinstance(v, dict) else [] if isinstance(v, TableList)
             else {} if isinstance(v, FreeTable) else copy.deepcopy(v) for k, v in schema.items()}
+
+
+def with_defaults(stored: dict, schema: dict | None = None) -> dict:
+    """A run's stored config with every schema key it lacks at its default: a key that a later
+    geomlab added (at its default) is then no difference on --resume."""
+    schema = SCHEMA if schema is None else schema
+    out = {k: with_defaults(v, schema[k]) if isinstance(v, dict) and isinstance(schema.get(k), dict) else v
+           for k, v in stored.items()}
+    return {**_defaults({k: v for k, v in schema.items() if k not in out}), **out}
 
 
 def parse_override(item: str) -> tuple[list[str], object]:

@@ -2,20 +2,27 @@
 tags (downloaded and cached by open_clip) and local weights (loaded by geomlab)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-_registered = False
+# geomlab-tiny, geomlab-small, ... become known to open_clip.create_model / get_tokenizer (a repeat
+# registration rescans the same folder: harmless).
+open_clip.add_model_config(CONFIG_DIR)
 
 # What open_clip logs on the root logger about weights geomlab handles itself: the "initialized
 # randomly" warning (geomlab loads a local file right after, or trains from scratch on purpose) and
 # the download failure it raises again as an error of its own.
 _HANDLED_MESSAGES = ("No pretrained weights loaded for model", "Failed to download weights for tag")
+# Seconds the Hugging Face hub gets to accept a connection before a tag's download is tried offline.
+HUB_PROBE_TIMEOUT = 3.0
 
 
 class _DropHandled(logging.Filter):
@@ -35,16 +42,7 @@ def _quiet_weight_messages():
         root.removeFilter(drop)
 
 
-def register_model_configs() -> None:
-    """Make geomlab-tiny, geomlab-small, ... known to open_clip.create_model / get_tokenizer."""
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(CONFIG_DIR)
-        _registered = True
-
-
 def available_models() -> list[str]:
-    register_model_configs()
     return open_clip.list_models()
 
 
@@ -76,12 +74,40 @@ def pretrained_kind(name: str, pretrained: str | None) -> str:
                      "pass a local checkpoint file")
 
 
-def _download_error(name: str, tag: str, error: Exception) -> ValueError:
+@contextmanager
+def _hub_offline_when_unreachable(name: str, tag: str):
+    """Inside: the Hugging Face hub client in its offline mode when the hub does not accept a
+    connection within HUB_PROBE_TIMEOUT (cached weights still load, missing ones fail at once:
+    online, the client retries an unreachable hub for about a minute). Yields the unreachable
+    host, or "" when the hub answered, is not used, or offline mode was already set."""
+    if not open_clip.get_pretrained_cfg(name, tag).get("hf_hub"):
+        yield ""
+        return
+    from huggingface_hub import constants as hub
+
+    url = urlparse(hub.ENDPOINT)
+    try:
+        if not hub.HF_HUB_OFFLINE:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT).close()
+        yield ""
+        return
+    except OSError:
+        pass
+    hub.HF_HUB_OFFLINE = True  # read by the client at each request
+    try:
+        yield url.netloc
+    finally:
+        hub.HF_HUB_OFFLINE = False
+
+
+def _download_error(name: str, tag: str, error: Exception, unreachable: str = "") -> ValueError:
     """One line: which weights could not be downloaded, why, and how to pass them as a file."""
     cfg = open_clip.get_pretrained_cfg(name, tag)
     hub = cfg.get("hf_hub", "")
     where = f"huggingface.co/{hub.rstrip('/')}" if hub else cfg.get("url", "its url")
-    why = str(error).split("Last error: ")[-1].split(". ")[0].strip().rstrip(".")
+    why = (f"{unreachable} cannot be reached and they are not in the local cache" if unreachable else
+           str(error).split("Last error: ")[-1].split(". ")[0].strip().rstrip("."))
     return ValueError(f"model.pretrained: open_clip cannot download the {tag!r} weights of {name} ({why}); with no network, "
                       f"fetch them elsewhere (from {where}) and pass the file: --pretrained PATH")
 
@@ -104,13 +130,14 @@ def create_model(name: str, pretrained: str | None = None, precision: str = "fp3
 
     check_model_name(name)
     kind = pretrained_kind(name, pretrained)
-    with _quiet_weight_messages():
+    offline = _hub_offline_when_unreachable(name, pretrained) if kind == "tag" else contextlib.nullcontext("")
+    with _quiet_weight_messages(), offline as unreachable:
         try:
             model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained if kind == "tag" else None, precision=precision, device=device)
         except RuntimeError as e:
             if kind == "tag" and str(e).startswith("Failed to download"):
-                raise _download_error(name, pretrained, e) from None
+                raise _download_error(name, pretrained, e, unreachable) from None
             raise
     if kind == "file":
         sd = state_dict_of(load_checkpoint(Path(pretrained).expanduser()))

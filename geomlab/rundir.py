@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from geomlab.config import tomllib
+from geomlab.config import tomllib, with_defaults
 from geomlab.io import (WriteError, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
                         load_checkpoint, read_jsonl)
 
@@ -397,7 +397,7 @@ class RunDir:
         stored = self.config_path
         if stored.exists() and not self.failed_start():
             try:
-                old = tomllib.loads(stored.read_text())
+                old = with_defaults(tomllib.loads(stored.read_text()))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise RunDirError(f"{stored} is not a readable config ({e}); choose another --out") from None
             new = tomllib.loads(config_text)

@@ -15,12 +15,11 @@ from typing import Callable, Iterable, TypeVar
 # (`python -m geomlab.bench train`) went from 40 ms idle to 150-2,840 ms. 10,000 spins keep the
 # idle speed and hold 95 ms under that load; OMP_WAIT_POLICY=PASSIVE held 66-116 ms but cost 55%
 # idle. libgomp reads this once, when torch loads it, so geomlab imports this module before torch;
-# a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+# a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. torch itself is imported where it is used,
+# so that importing geomlab (and checking a config) does not load it.
 OPENMP_SPIN_COUNT = "10000"
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
-
-import torch  # noqa: E402  (after the OpenMP setting above)
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -30,6 +29,8 @@ R = TypeVar("R")
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """"auto" → cuda when a CUDA device is available, else cpu; anything else as torch reads it."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     if name == "auto":
@@ -54,6 +55,7 @@ def single_threaded():
     shared with other processes that beats OpenMP threads spinning against each other by a wide
     margin. torch's thread count is process-wide, so torch work of other Python threads is
     single-threaded too while this is active; the previous counts are restored on exit."""
+    import torch
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()

@@ -7,13 +7,19 @@ interrupted run from its newest saved state, mid-phase included.
 """
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":  # --help and config errors answer before torch and open_clip load (seconds)
+    from geomlab.train_args import check_command_line
+
+    check_command_line(sys.argv[1:])
+
+# The imports below load torch and open_clip: after the check above.
 import contextlib
 import copy
 import functools
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +29,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from geomlab import __version__
-from geomlab.config import ConfigError, dumps, load_config
-from geomlab.data import DataError, build_stream
+from geomlab.config import ConfigError, dumps
+from geomlab.data import DataError, build_stream, with_pretrained_base
 from geomlab.embed import embed_probe
 from geomlab.geometry import retrieval_metrics
 from geomlab.io import WriteError, atomic_torch_save, load_checkpoint
@@ -34,6 +40,7 @@ from geomlab.runtime import resolve_device
 from geomlab.strategies import Features, PhaseContext, get_strategy
 from geomlab.reporting import TensorBoardReport, check_report_to
 from geomlab.traces import Trace, write_trace
+from geomlab.train_args import parse_args_or_hint, read_config
 from geomlab.zeroshot import evaluate as evaluate_zeroshot
 
 LOGIT_SCALE_MAX = math.log(100)
@@ -41,78 +48,10 @@ LOGIT_SCALE_MAX = math.log(100)
 
 # ----------------------------------------------------------------------------- command line
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m geomlab.train", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="experiment TOML (default: the embedded experiments/shapes_5phase.toml)")
-    p.add_argument("--strategies", help="comma-separated, shorthand for run.strategies")
-    p.add_argument("--out", help="run directory (default: runs/<run.name>)")
-    p.add_argument("--device", help="auto | cpu | cuda, shorthand for run.device")
-    p.add_argument("--pretrained", help="an open_clip pretrained tag of the model (e.g. openai, laion2b_s34b_b79k) "
-                   "or a local open_clip/geomlab checkpoint, shorthand for model.pretrained")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest saved state "
-                   "(without --config: from the run's own config.toml)")
-    p.add_argument("--report-to", dest="report_to", metavar="tensorboard",
-                   help="also write the metrics as TensorBoard event files, to watch a run live "
-                        "(needs the tensorboard extra)")
-    p.add_argument("--seeds", help="comma-separated seeds, shorthand for run.seeds: one complete run per seed")
-    p.add_argument("--dry-run", dest="dry_run", action="store_true",
-                   help="print the phases, probe sets, strategies and steps this command would train; write nothing")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
-    return p.parse_args(argv)
-
-
-def run_config_path(args) -> str | None:
-    """The experiment file to read: --config; on --resume without it, the run's own config.toml (so
-    that a resume needs only --out and --resume, whatever overrides the run was started with)."""
-    if args.config is None and args.resume and args.out:
-        own = Path(args.out) / "config.toml"
-        if own.is_file():
-            return str(own)
-    return args.config
-
-
-def parse_args_or_hint(argv=None):
-    """parse_args, with a pointer to the KEY=VALUE form for a flag that is a config key (`--lr 1e-4`)."""
-    import sys as _sys
-    argv = list(_sys.argv[1:] if argv is None else argv)
-    from geomlab.config import SCHEMA
-    keys = {k: f"{section}.{k}" for section, table in SCHEMA.items() if isinstance(table, dict) for k in table}
-    keys.update({f"{section}.{k}": f"{section}.{k}" for section, table in SCHEMA.items() if isinstance(table, dict)
-                 for k in table})
-    known = {"--config", "--strategies", "--out", "--device", "--pretrained", "--resume", "--report-to", "--seeds",
-             "--dry-run", "--help", "-h"}
-    for i, arg in enumerate(argv):
-        flag, _, value = arg.partition("=")
-        name = flag[2:].replace("-", "_")
-        if flag.startswith("--") and flag not in known and name in keys:
-            value = value or (argv[i + 1] if i + 1 < len(argv) else "VALUE")
-            raise ConfigError(f"{flag} is not an option; config keys are set as KEY=VALUE: {keys[name]}={value}")
-    return parse_args(argv)
-
-
 def resolve_config(args) -> dict:
-    overrides = list(args.overrides)
-    for flag, key in (("strategies", "run.strategies"), ("device", "run.device"), ("pretrained", "model.pretrained")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value!r}" if flag != "strategies" else f"{key}={value}")
-    if args.seeds is not None:
-        try:
-            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--seeds must be comma-separated integers (e.g. 0,1,2), got {args.seeds!r}") from None
-        if not seeds:
-            raise ConfigError("--seeds: empty seed list; give comma-separated integers, e.g. 0,1,2")
-        overrides.append(f"run.seeds={seeds}")
-    config = load_config(run_config_path(args), overrides)
-    seeds = config["run"]["seeds"]
-    if any(isinstance(s, bool) or s < 0 for s in seeds):
-        raise ConfigError(f"run.seeds must be non-negative integers, got {seeds}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"run.seeds: seed {next(s for s in seeds if seeds.count(s) > 1)} appears twice in "
-                          f"{seeds}; each seed is one run")
-    if not config["run"]["strategies"]:
-        raise ConfigError("run.strategies is empty")
+    """read_config, then what needs torch and open_clip: strategy and model names, the pretrained
+    weights' kind, a CUDA device."""
+    config = read_config(args)
     for name in config["run"]["strategies"]:
         try:
             get_strategy(name)
@@ -249,6 +188,8 @@ def finite_values(row: dict) -> dict:
 
 def phase_steps(config: dict, phase: int, dataset_len: int) -> int:
     t = config["train"]
+    if phase == 0 and t["base"] == "pretrained":
+        return 0
     if t["epochs"] > 0:
         return max(1, math.ceil(t["epochs"] * dataset_len / t["batch_size"]))
     if phase == 0 and t["base_steps"] > 0:
@@ -332,6 +273,8 @@ class Trainer:
                                                               self.device)
         self.stream = build_stream(config["data"]["stream"], config["data"], image_size=image_size(self.model),
                                    preprocess=transforms, seed=config["run"]["seed"])
+        if config["train"]["base"] == "pretrained":
+            self.stream = with_pretrained_base(self.stream)
         for name in config["run"]["strategies"]:
             get_strategy(name).check_stream(self.stream)  # e.g. zscl needs a reference set
         self.num_phases = len(self.stream.phases)
@@ -350,7 +293,7 @@ class Trainer:
 
     def small_phases(self) -> list:
         """The phases with fewer pairs than a batch: their batches would repeat pairs."""
-        return [p for p in self.stream.phases if len(p.train) < self.config["train"]["batch_size"]]
+        return [p for p in self.stream.phases if 0 < len(p.train) < self.config["train"]["batch_size"]]
 
     def check_batches(self) -> None:
         small = self.small_phases()
@@ -495,6 +438,10 @@ class Trainer:
 
     def train_phase(self, strategy_dir: str, strategy_name: str, phase: int, start_checkpoint: Path | None) -> None:
         cfg, t = self.config, self.config["train"]
+        if phase == 0 and t["base"] == "pretrained":  # no base phase: the weights as loaded end phase 0
+            self.dist.on_main(lambda: self.save_checkpoint(strategy_dir, phase, 0, True))
+            self.dist.on_main(lambda: self.run.mark_complete(strategy_dir, phase))
+            return
         strategy = self.make_strategy(strategy_dir, strategy_name, phase)
         data = strategy.start_phase(unwrap(self.model))  # what strategy.step_indices index
         total = phase_steps(cfg, phase, len(strategy.context.data))
@@ -610,6 +557,10 @@ def describe(trainer: "Trainer", config: dict, root: RunDir) -> str:
     for p, phase in enumerate(stream.phases):
         n = len(phase.train)
         steps = phase_steps(config, p, n)
+        if not steps:  # train.base = "pretrained"
+            lines.append(f"  {p} {phase.name:24s} {n:>9,} pairs  {steps:>6,} steps: the model.pretrained "
+                         "weights are the base model")
+            continue
         who = "base model" if p == 0 else "each strategy"
         lines.append(f"  {p} {phase.name:24s} {n:>9,} pairs  {steps:>6,} steps ({steps * t['batch_size'] / n:.1f} "
                      f"epochs), {who}")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-import torch
+from .options import MODX_ALPHA, REDUCTIONS, SELECTIONS, ModxOptions
 
-from . import losses_torch, ranking_torch, reference
-from .losses import MODX_ALPHA, REDUCTIONS, SELECTIONS, ModxOptions
+# The backends (and torch with them) are imported on first use, so that geomlab.config can read
+# the Mod-X options without loading torch (a config error answers in a fraction of a second).
 
 __all__ = ["clip_loss", "modx_kl", "modx_loss", "similarity", "topk", "retrieval_ranks",
            "ModxOptions", "MODX_ALPHA", "REDUCTIONS", "SELECTIONS", "BACKENDS"]
@@ -32,11 +32,15 @@ class Backend(NamedTuple):
 
 
 def _reference() -> Backend:
+    from . import reference
+
     return Backend(reference.similarity, reference.topk, reference.retrieval_ranks, reference.clip_loss,
                    reference.modx_kl_parts, reference.modx_loss_parts)
 
 
 def _torch() -> Backend:
+    from . import losses_torch, ranking_torch
+
     losses = losses_torch.LOSSES
     return Backend(ranking_torch.similarity, ranking_torch.topk, ranking_torch.retrieval_ranks,
                    losses.clip_loss, losses.modx_kl_parts, losses.modx_loss_parts)
@@ -58,6 +62,8 @@ BACKENDS = ("auto", *IMPLEMENTATIONS)
 
 
 def _backend(backend: str, tensor: torch.Tensor) -> Backend:
+    import torch
+
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import geomlab  # noqa: F401  (registers geomlab-tiny)
+import geomlab.models  # noqa: F401  (registers geomlab-tiny)
 from geomlab import geometry as G
 from geomlab.analyze import analyze, main, print_summary
 from geomlab.figures import headline_numbers

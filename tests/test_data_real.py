@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import geomlab  # noqa: F401  (registers geomlab's model configs with open_clip)
+import geomlab.models  # noqa: F401  (registers geomlab's model configs with open_clip)
 from geomlab import train
 from geomlab.config import ConfigError, load_config
 from geomlab.data import DataError, build_stream

@@ -104,6 +104,23 @@ def test_flags_that_are_config_keys_and_bare_lists_get_a_hint(capsys):
     assert "unknown strategy '[finetune]'" in err and "run.strategies=finetune,modx" in err, err
 
 
+def test_help_and_config_errors_answer_before_torch_loads():
+    """python -m geomlab.train runs its command-line check before importing torch and open_clip:
+    run here as a module in a fresh interpreter, which then reports what was imported."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['geomlab.train', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('geomlab.train', run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print(e.code, 'torch' in sys.modules, 'open_clip' in sys.modules)\n")
+    for args, code, err in ((["--help"], "0", ""),
+                            (["train.lrr=1"], "2", "unknown config key 'train.lrr' (did you mean train.lr?)"),
+                            (["--config", "missing.toml"], "2", "missing.toml"),
+                            (["--seeds", "0,x"], "2", "--seeds must be comma-separated integers")):
+        r = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.stdout.splitlines()[-1] == f"{code} False False", (args, r.stdout[-500:], r.stderr[-500:])
+        assert err in r.stderr and (not err or r.stderr.startswith("geomlab.train: error:")), (args, r.stderr)
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "never"
     assert train.main(["--out", str(out), "--dry-run", "--strategies", "finetune,modx", "data.shapes.domains=2",
@@ -209,3 +226,68 @@ def test_the_end_of_training_table_keeps_whole_names_aligned(tmp_path):
             assert body == ("                 heldout_indoor_photos       d0\n"
                             "  base p0                        0.500    0.500\n"
                             "  finetune p1                    0.250    0.250")
+
+
+def test_a_pretrained_base_is_row_0_and_every_stream_phase_is_trained(tmp_path):
+    """train.base = "pretrained": no base phase; base/phase0_step000000 holds the --pretrained
+    weights, the accuracy matrix's row 0 is their R@1 (recomputed here by brute force from the
+    model the file loads into), and the stream's domains are phases 1 and 2 — for the strategies
+    that keep something of phase 0 (a replay buffer, DER's anchors, EWC's Fisher) as well."""
+    import json
+
+    from geomlab.config import load_config
+    from geomlab.data import build_stream
+    from geomlab.embed import embed_probe
+    from geomlab.models import create_model, image_size
+
+    small = ["data.shapes.domains=2", "data.shapes.train_size=64", "data.probe_size=16", "train.batch_size=16",
+             "train.steps=3", "train.base_steps=3", "der.anchor_size=8"]
+    assert cli("--out", str(tmp_path / "a"), "--strategies", "finetune", *small).returncode == 0
+    weights_file = tmp_path / "a" / "base" / "checkpoints" / "phase0_step000003.pt"
+    r = cli("--out", str(tmp_path / "b"), "--strategies", "finetune,er,der,ewc", "--pretrained", str(weights_file),
+            "train.base=pretrained", *small)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = tmp_path / "b"
+    base = load_checkpoint(run / "base" / "checkpoints" / "phase0_step000000.pt")["state_dict"]
+    pretrained = load_checkpoint(weights_file)["state_dict"]
+    assert all(torch.equal(base[k], pretrained[k]) for k in pretrained)
+    info = json.loads((run / "run.json").read_text())
+    assert info["phases"] == ["pretrained", "d0_basic", "d1_neon"] and info["phase_pairs"] == [0, 64, 64]
+    assert info["probe_phases"]["d0_basic"] == [1] and info["probe_phases"]["d1_neon"] == [2]
+    for strategy in ("finetune", "er", "der", "ewc"):
+        assert sorted(p.name for p in (run / strategy / "checkpoints").iterdir()) == [
+            "phase1_step000003.pt", "phase2_step000003.pt"]
+
+    assert subprocess.run([sys.executable, "-m", "geomlab.analyze", str(run), "-q"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300).returncode == 0
+    accuracy = json.loads((run / "analysis" / "analysis.json").read_text())["strategies"]["finetune"]["accuracy"]
+    row0 = dict(zip(accuracy["domains"], accuracy["matrix"][0]))
+    config = load_config(None, small)
+    model, transforms, tokenizer = create_model("geomlab-tiny", str(weights_file))
+    stream = build_stream("shapes", config["data"], image_size=image_size(model), preprocess=transforms, seed=0)
+    for probe in stream.probes:
+        e = embed_probe(model, tokenizer, probe, "cpu")
+        similarity = e.image.double() @ e.text.double().T
+        i2t = (probe.caption_image[similarity.argmax(1)] == torch.arange(len(e.image))).double().mean()
+        t2i = (similarity.argmax(0) == probe.caption_image).double().mean()
+        assert abs(row0[probe.name] - float(i2t + t2i) / 2) < 1e-9, probe.name
+
+
+def test_a_run_from_before_a_new_config_key_resumes_and_other_changes_are_still_refused(tmp_path):
+    """A run whose stored config.toml predates a key (train.base, added with its default) is the same
+    run on --resume; a real difference is still named."""
+    import pytest
+
+    from geomlab.config import dumps, load_config
+    from geomlab.rundir import RunDir, RunDirError
+
+    config = load_config(None)
+    run = RunDir(tmp_path / "old")
+    run.create(dumps(config).replace('base = "train"\n', ""))
+    assert 'base = "train"' not in run.config_path.read_text()
+    (tmp_path / "old" / "base" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "base" / "checkpoints" / "phase0_step000010.pt").write_bytes(b"")  # not a failed start
+    assert run.check(config, dumps(config), resume=True) == {}
+    other = load_config(None, ["train.base=pretrained", "model.pretrained=weights.pt"])
+    with pytest.raises(RunDirError, match="model.pretrained"):
+        run.check(other, dumps(other), resume=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import open_clip
 import pytest
 
-import geomlab  # noqa: F401  (registers geomlab's model configs with open_clip)
+import geomlab.models  # noqa: F401  (registers geomlab's model configs with open_clip)
 from geomlab import train
 from geomlab.models import create_model, pretrained_kind
 
@@ -59,6 +59,20 @@ def test_a_tag_that_cannot_be_downloaded_is_one_line(tmp_path):
     assert err.startswith("geomlab.train: error:") and "'openai'" in err and "ViT-B-32" in err, err
     assert "--pretrained PATH" in err and "huggingface.co/timm/vit_base_patch32_clip_224.openai" in err, err
     assert not out.exists() and not [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size > 1 << 20]
+
+
+def test_an_unreachable_hub_fails_at_once_offline_and_offline_mode_is_undone(monkeypatch):
+    """Online mode, but the hub's host refuses connections: the probe finds it unreachable, the hub
+    client runs in offline mode for the one call (no retries: nothing is cached, so it fails at
+    once) and the error says why; afterwards the client is back in online mode."""
+    from huggingface_hub import constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", "/nonexistent/geomlab-test-cache")
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1:9 cannot be reached and they are not in the local cache"):
+        create_model("ViT-B-32", "openai")
+    assert hub.HF_HUB_OFFLINE is False
 
 
 def test_open_clips_random_init_warning_is_dropped_only_around_geomlabs_call(caplog):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import geomlab  # noqa: F401  (registers geomlab's model configs with open_clip)
+import geomlab.models  # noqa: F401  (registers geomlab's model configs with open_clip)
 from geomlab import train
 from geomlab.io import load_checkpoint
 from geomlab.rundir import RunDir

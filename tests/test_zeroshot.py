@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import geomlab  # noqa: F401  (registers geomlab-tiny)
+import geomlab.models  # noqa: F401  (registers geomlab-tiny)
 from geomlab import train
 from geomlab.analyze import analyze
 from geomlab.data import ZeroShotSet, build_stream

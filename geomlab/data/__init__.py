@@ -2,17 +2,18 @@
 
 A `Stream` is an ordered list of training phases plus the probe sets (held-out, disjoint from
 training) that every checkpoint is measured on. Phase 0 trains the base model shared by all
-strategies. Probe sets are in stream order and each records the phases that train on its data
+strategies (or, with a pretrained base, holds no data: with_pretrained_base). Probe sets are in stream order and each records the phases that train on its data
 (for ShapeWorld probe d is domain d's test split, learned at phase d). Zero-shot sets, when the
 stream has any, are classified at every checkpoint as well.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 
 class DataError(ValueError):
@@ -83,6 +84,19 @@ class Stream:
     # (ShapeWorld: captions of other reference samples, unpaired with the images; real data: the
     # reference sources' distinct captions)
     reference_texts: list[str] = field(default_factory=list)
+
+
+PRETRAINED_PHASE = "pretrained"
+
+
+def with_pretrained_base(stream: Stream) -> Stream:
+    """The stream with a phase 0 of no data in front (train.base = "pretrained": the pretrained
+    weights are that phase's end, row 0 of the accuracy matrix): the stream's own phases become
+    1..N and each probe set's phases move with them."""
+    empty = Phase(PRETRAINED_PHASE, Subset(stream.phases[0].train, []))
+    probes = [dataclasses.replace(p, phases=tuple(t + 1 for t in p.phases)) for p in stream.probes]
+    return dataclasses.replace(stream, phases=[empty, *stream.phases], probes=probes,
+                               info={**stream.info, "base": PRETRAINED_PHASE})
 
 
 # name -> builder(data_config: dict, *, image_size: int, preprocess, seed: int) -> Stream

@@ -85,16 +85,19 @@ class DER(Replay):
             image.append(i.float().cpu())
             text.append(t.float().cpu())
         model.train(was_training)
+        if not image:  # an empty buffer (a pretrained base's phase 0 offers nothing)
+            return torch.zeros(0, 0), torch.zeros(0, 0)
         return torch.cat(image), torch.cat(text)
 
     @torch.no_grad()
     def store(self, model, before, after, written):
         """The targets of the samples just written into the buffer, from the model as it is now (the
-        end of their phase); the other slots keep theirs. The anchors are drawn once, from the
-        buffer at the start of phase 1 (phase 0's samples), and kept for every later phase."""
+        end of their phase); the other slots keep theirs. The anchors are drawn once, from the first
+        buffer that holds samples (phase 0's at the start of phase 1; phase 1's after a pretrained
+        base, whose phase 0 holds none), and kept for every later phase."""
         stored = {}
         if self.target == "logits":
-            if "anchor_phase" in before:
+            if len(before.get("anchor_phase", ())):
                 anchors = {k: before[k] for k in ("anchor_phase", "anchor_index")}
             else:
                 generator = torch.Generator().manual_seed(self.context.seed * 1_000_003 + ANCHOR_SALT)
@@ -112,7 +115,7 @@ class DER(Replay):
             new = {"image": image, "text": text}
         for key, value in new.items():
             out = torch.zeros(len(after["phase"]), value.shape[1])
-            if key in before:
+            if len(before.get(key, ())):
                 out[: len(before[key])] = before[key]
             out[written] = value
             stored[key] = out

@@ -88,6 +88,8 @@ def diagonal_fisher(model, data, context: PhaseContext, batches: int) -> dict[st
     squared gradient of the sample's own terms of its batch's CLIP loss (eval mode, the
     optimizer's gradients untouched)."""
     fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    if not len(data):  # a pretrained base's phase 0: no data, nothing learned from it to protect
+        return fisher
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     was_training = model.training
     model.eval()
