@@ -9,6 +9,9 @@ from .forgetting import (accuracy_matrix, average_accuracy, bwt, continual_metri
 from .measures import (ProcrustesResult, eigen_angles, flips, inter_modal_deviation, linear_cka,
                        modality_gap, mutual_knn, procrustes, roc_auc, rotation_angles, spatial_disorder,
                        topology_drift)
+from .precedence import forecast_errors, lead_lag
+from .realign import (cross_linear_map, cross_orthogonal_map, modality_orthogonal_maps, realigned_r1,
+                      realignment, recovered_share)
 from .retrieval import metrics_from_ranks, retrieval_metrics
 from .stats import summarize
 
@@ -18,4 +21,6 @@ __all__ = [
     "retrieval_metrics", "metrics_from_ranks", "accuracy_matrix", "average_accuracy", "forgetting", "bwt",
     "last_accuracy", "transfer", "learned_at", "continual_metrics",
     "summarize", "roc_auc",
+    "realignment", "realigned_r1", "recovered_share", "cross_orthogonal_map", "modality_orthogonal_maps",
+    "cross_linear_map", "lead_lag", "forecast_errors",
 ]
