@@ -21,7 +21,8 @@ tune: $(STAMP)
 	$(PY) -m geomlab.tune experiments/shapes_baselines.toml --out runs/tune --tuned-out experiments/tuned/shapes_5phase.toml
 
 # Every strategy on the test seeds 0-4 with the tuned values: the baseline comparison with confidence
-# intervals (45 runs and 5 base models: about 75 minutes on this 2-core machine, at the tune's 70-120 s a run).
+# intervals (45 runs and 5 base models: 1 h 09 min measured on this 2-core machine with other work beside it,
+# about 48 min alone: 8.3 min a seed, then 6 min of analysis).
 study: $(STAMP)
 	$(PY) -m geomlab.train --config experiments/shapes_baselines.toml --out runs/study --resume
 	$(PY) -m geomlab.analyze runs/study
