@@ -50,7 +50,7 @@ def mtimes(path: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in path.rglob("*")}
 
 
-def test_ctrl_c_stops_cleanly_and_a_resume_from_the_runs_own_config_matches(tmp_path):
+def test_ctrl_c_stops_cleanly_and_a_resume_from_the_runs_own_config_matches(tmp_path, capsys):
     config = tmp_path / "mine.toml"
     config.write_text(CONFIG)
     whole = tmp_path / "whole"
@@ -80,9 +80,8 @@ def test_ctrl_c_stops_cleanly_and_a_resume_from_the_runs_own_config_matches(tmp_
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
 
     # an override that a resume may not change: the key is named, and the advice is not another --out
-    refused = cli("--out", str(cut), "--resume", "train.steps=50")
-    assert refused.returncode == 2
-    line = refused.stderr.strip()
+    assert train.main(["--out", str(cut), "--resume", "train.steps=50"]) == 2
+    line = capsys.readouterr().err.strip()
     assert len(line.splitlines()) == 1 and "'train.steps'" in line and "choose another --out" not in line, line
 
     # adding a strategy trains only it, from the shared base; the base's files are untouched
@@ -91,8 +90,9 @@ def test_ctrl_c_stops_cleanly_and_a_resume_from_the_runs_own_config_matches(tmp_
     assert added.returncode == 0, added.stderr[-2000:]
     assert mtimes(cut / "base") == before
     assert (cut / "wise" / "checkpoints" / "phase1_step000024.pt").is_file()
-    removed = cli("--out", str(cut), "--resume", "--strategies", "wise")
-    assert removed.returncode == 2 and "not remove" in removed.stderr and "finetune" in removed.stderr
+    assert train.main(["--out", str(cut), "--resume", "--strategies", "wise"]) == 2
+    err = capsys.readouterr().err
+    assert "not remove" in err and "finetune" in err, err
 
 
 def test_flags_that_are_config_keys_and_bare_lists_get_a_hint(capsys):
@@ -245,9 +245,8 @@ def test_a_pretrained_base_is_row_0_and_every_stream_phase_is_trained(tmp_path):
     torch.manual_seed(7)  # weights no run of this test starts from by itself
     weights_file = tmp_path / "released.pt"
     torch.save({"state_dict": create_model("geomlab-tiny")[0].state_dict()}, weights_file)
-    r = cli("--out", str(tmp_path / "b"), "--strategies", "finetune,er,der,ewc", "--pretrained", str(weights_file),
-            "train.base=pretrained", *small)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert train.main(["--out", str(tmp_path / "b"), "--strategies", "finetune,er,der,ewc", "--pretrained",
+                       str(weights_file), "train.base=pretrained", *small]) == 0
     run = tmp_path / "b"
     base = load_checkpoint(run / "base" / "checkpoints" / "phase0_step000000.pt")["state_dict"]
     pretrained = load_checkpoint(weights_file)["state_dict"]
@@ -259,8 +258,9 @@ def test_a_pretrained_base_is_row_0_and_every_stream_phase_is_trained(tmp_path):
         assert sorted(p.name for p in (run / strategy / "checkpoints").iterdir()) == [
             "phase1_step000003.pt", "phase2_step000003.pt"]
 
-    assert subprocess.run([sys.executable, "-m", "geomlab.analyze", str(run), "-q"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300).returncode == 0
+    from geomlab.analyze import main as analyze
+
+    assert analyze([str(run), "-q"]) == 0
     accuracy = json.loads((run / "analysis" / "analysis.json").read_text())["strategies"]["finetune"]["accuracy"]
     row0 = dict(zip(accuracy["domains"], accuracy["matrix"][0]))
     config = load_config(None, small)
