@@ -10,6 +10,7 @@ says which entries the bf16 scores decide, and only the others are scored exactl
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -80,7 +81,9 @@ def _merge(run_v, run_i, cand, k):
     return run_v, run_i
 
 
-#: width of the column segments whose maxima prune the selection (see `_above`).
+#: width of the segments whose maxima (`topk`, see `_above`) or counts of entries past a band edge
+#: (`retrieval_ranks`, see `_direction`) prune the selection: only the segments that hold such an
+#: entry are read entry by entry.
 SEGMENT = 64
 #: 0/1 flags are counted in groups of COUNT_GROUP entries by a GEMM with a ones vector: exact in
 #: bf16 (every group sum ≤ 256 is representable) and several times faster than torch's sum of a
@@ -343,15 +346,26 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, block_q: int |
     return out_v, out_i
 
 
+#: one thread of the idle 2-core development machine (Xeon @ 2.8 GHz, no bf16 instructions; median
+#: of 5 runs), measured by deciding 100,000 band entries of one 2048² tile with `_beats` (fp32
+#: step, then exact), and by recounting such a tile from an fp32 GEMM with both `_direction`
+#: passes: nanoseconds per band entry, and per tile entry.
+RESOLVE_NS_PER_ENTRY = 502
+RECOUNT_NS_PER_ENTRY = 8.5
 #: a bf16 rank tile with more ambiguous entries than this fraction of it is recounted from an fp32
-#: GEMM, and so is the rest of its row block (deciding an entry exactly costs far more than
-#: counting it): the case of positives in the bulk of their rows, e.g. unrelated random features.
-RESOLVE_MAX_FRACTION = 1 / 256
-#: a direction of a rank tile whose entries ≥ lo lie in at most this fraction of its COUNT_GROUP-
-#: wide groups reads those groups instead of making a second counting pass (see `_direction`).
+#: GEMM, and so is the rest of its row block: past it the recount costs less than deciding the
+#: band (the case of positives in the bulk of their rows, e.g. unrelated random features).
+RESOLVE_MAX_FRACTION = RECOUNT_NS_PER_ENTRY / RESOLVE_NS_PER_ENTRY
+#: a direction of a rank tile whose entries ≥ lo lie in at most this fraction of its SEGMENT-wide
+#: groups (besides its positives' own) reads those groups instead of making a second counting pass
+#: (see `_direction`; 1/8 … 1/2 measured no faster on positives at median rank 30 and 1% of N).
 SPARSE_GROUPS = 1 / 16
 #: smallest number of images and of captions for which `retrieval_ranks` takes bf16 tiles by itself.
 RANK_APPROX_MIN = 4096
+#: the phases of a rank tile whose time `retrieval_ranks` reports in stats["seconds"]: its GEMM,
+#: its comparison and counting passes, the exact scoring of its band entries, and the fp32 GEMM and
+#: counting passes of a tile recounted after its bf16 band held too many entries.
+PHASES = ("gemm", "count", "resolve", "recount")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -397,70 +411,118 @@ def _bands(pos, norm, res, other_norm, other_res, d: int, dtype):
 
 
 def _group_counts(flags: torch.Tensor, ones: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sums of the 0/1 tile flags [mp, np] over its COUNT_GROUP-wide groups along dim: [mp, np/G]
-    for rows (dim=1), [mp/G, np] for columns. A GEMM with a ones vector (exact: ≤ 256 each), but
-    torch's own sum for fp32 rows, the faster one there."""
+    """Sums of the 0/1 tile flags [mp, np] over its SEGMENT-wide groups along dim: [mp, np/SEGMENT]
+    for rows (dim=1), [mp/SEGMENT, np] for columns. A GEMM with a ones vector (exact in bf16 too: each
+    sum ≤ SEGMENT), but torch's own sum for fp32 rows, the faster one there."""
     mp, np_ = flags.shape
     if dim == 1 and flags.dtype == torch.float32:
-        return flags.view(mp, -1, COUNT_GROUP).sum(2)
+        return flags.view(mp, -1, SEGMENT).sum(2)
     if dim == 1:
-        return torch.mm(flags.view(-1, COUNT_GROUP), ones).view(mp, -1)
-    return torch.matmul(ones.T, flags.view(-1, COUNT_GROUP, np_)).view(-1, np_)
+        return torch.mm(flags.view(-1, SEGMENT), ones).view(mp, -1)
+    return torch.matmul(ones.T, flags.view(-1, SEGMENT, np_)).view(-1, np_)
 
 
-def _direction(s, flags, ones, lo, hi, own, dim: int, max_band: float):
+def _read_groups(s, hit, lo, hi, dim: int):
+    """The SEGMENT-wide groups `hit` of the padded rank tile s (flat indices into the group grid
+    of `_group_counts` along dim): (line, group, values [k, SEGMENT], lo [k, 1], hi [k, 1])."""
+    mp, np_ = s.shape
+    if dim == 1:
+        nb = np_ // SEGMENT
+        line, g = hit // nb, hit % nb
+        vals = s.view(mp, nb, SEGMENT)[line, g]
+    else:
+        g, line = hit // np_, hit % np_
+        vals = s.view(mp // SEGMENT, SEGMENT, np_)[g, :, line]
+    return line, g, vals, lo.view(-1)[line].unsqueeze(1), hi.view(-1)[line].unsqueeze(1)
+
+
+def _direction(s, flags, ones, lo, hi, own, dim: int, max_band: float, sparse: bool = False):
     """One direction of the padded rank tile s [mp, np] (−inf padding): dim=1 its rows against
     lo, hi [mp, 1], dim=0 its columns against lo, hi [1, np]; own [m] or [n]: 1 where the line's
     positive lies in the tile. Returns (per line: #entries > hi, fp32 [mp] or [np]; the band
-    entries (rows, cols) in [lo, hi] in tile coordinates, the positives' included), or None when
-    the band holds more than max_band entries besides the positives.
+    entries (rows, cols) in [lo, hi] in tile coordinates, the positives' included; whether the
+    next tile should look for its groups by maxima, see below), or None when the band holds more
+    than max_band entries besides the positives.
 
-    Entries ≥ lo are counted per COUNT_GROUP-wide group (one comparison pass and a GEMM with a
-    ones vector). When few groups hold one (positives in the top tail of their lines: the usual
-    case), those groups are read and classified directly; otherwise a second pass counts the
-    entries > hi, and only the lines whose band holds more than their positive are read (so the
-    band entries returned may leave out positives alone in their band)."""
+    The SEGMENT-wide groups holding an entry ≥ lo are found first. When they are few (positives
+    in the top tail of their lines), they are read and classified directly. Otherwise a second
+    comparison pass counts the entries > hi per group, and only the groups whose two counts
+    differ (those holding a band entry: rare, the band being narrow) are read; reading whole
+    lines instead (a gather, a mask and a nonzero over most of the tile) cost more than both
+    counting passes. The groups are found by counting the entries ≥ lo per group (a comparison
+    pass and a sum), or, in fp32 tiles where the caller expects few (`sparse`: the previous tile
+    had far fewer than SPARSE_GROUPS), by the groups' maxima: one read-only pass instead of two."""
     mp, np_ = s.shape
-    nb = (np_ if dim == 1 else mp) // COUNT_GROUP
-    groups = _group_counts(torch.ge(s, lo, out=flags), ones, dim)
-    hit = groups.view(-1).nonzero().squeeze(1)
-    if hit.numel() <= SPARSE_GROUPS * groups.numel():
-        if dim == 1:
-            line, g = hit // nb, hit % nb
-            vals = s.view(mp, nb, COUNT_GROUP)[line, g]  # [k, COUNT_GROUP]
-        else:
-            g, line = hit // np_, hit % np_
-            vals = s.view(nb, COUNT_GROUP, np_)[g, :, line]
-        lo_k, hi_k = lo.view(-1)[line].unsqueeze(1), hi.view(-1)[line].unsqueeze(1)
+    n_own = float(own.sum())  # a positive's own group always holds an entry ≥ lo
+    groups = None
+    if sparse and s.dtype == torch.float32:
+        top = s.view(mp, -1, SEGMENT).amax(2) if dim == 1 else s.view(-1, SEGMENT, np_).amax(1)
+        hit = torch.ge(top, lo)
+        n_hit = float(hit.sum())
+    else:
+        groups = hit = _group_counts(torch.ge(s, lo, out=flags), ones, dim)
+        n_hit = float(groups.clamp(max=1).sum(dtype=torch.float32))  # (a nonzero first costs 25× more)
+    sparse = n_hit - n_own <= SPARSE_GROUPS * hit.numel()
+    if sparse:
+        line, g, vals, lo_k, hi_k = _read_groups(s, hit.view(-1).nonzero().squeeze(1), lo, hi, dim)
         above = torch.zeros(mp if dim == 1 else np_, device=s.device)
         above.index_add_(0, line, (vals > hi_k).sum(1, dtype=torch.float32))
-        k, j = ((vals >= lo_k) & (vals <= hi_k)).nonzero(as_tuple=True)
-        if k.numel() - float(own.sum()) > max_band:
+    else:
+        if groups is None:
+            groups = _group_counts(torch.ge(s, lo, out=flags), ones, dim)
+        groups_above = _group_counts(torch.gt(s, hi, out=flags), ones, dim)
+        above = groups_above.sum(dim, dtype=torch.float32)
+        band = groups.sub_(groups_above)  # band entries per group: small integers, exact in either dtype
+        if float(band.sum(dtype=torch.float32)) - n_own > max_band:
             return None
-        inner, outer = g.index_select(0, k) * COUNT_GROUP + j, line.index_select(0, k)
-        return above, ((outer, inner) if dim == 1 else (inner, outer))
-    above = _group_counts(torch.gt(s, hi, out=flags), ones, dim).sum(dim, dtype=torch.float32)
-    band = groups.sum(dim, dtype=torch.float32) - above
-    extra = band[: own.numel()] - own
-    if float(extra.sum()) > max_band:
+        line, g, vals, lo_k, hi_k = _read_groups(s, band.view(-1).nonzero().squeeze(1), lo, hi, dim)
+    k, j = ((vals >= lo_k) & (vals <= hi_k)).nonzero(as_tuple=True)
+    if k.numel() - n_own > max_band:
         return None
-    lines = (extra > 0).nonzero().squeeze(1)
-    axis = 0 if dim == 1 else 1  # lines are rows or columns of the tile
-    sub = s.index_select(axis, lines)
-    k, j = ((sub >= lo.index_select(axis, lines)) & (sub <= hi.index_select(axis, lines))).nonzero(as_tuple=True)
-    return above, ((lines.index_select(0, k), j) if dim == 1 else (k, lines.index_select(0, j)))
+    inner, outer = g.index_select(0, k) * SEGMENT + j, line.index_select(0, k)
+    # hint for the next tile: maxima first only well inside the sparse case (half the fraction), so
+    # that tiles near the threshold do not pay for the maxima and the counting pass both
+    hint = n_hit - n_own <= SPARSE_GROUPS / 2 * hit.numel()
+    return above, ((outer, inner) if dim == 1 else (inner, outer)), hint
 
 
-def _beats(im, tx, img, txt, pos, gallery, own):
+def _fp32_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+               chunk: int = 8192) -> torch.Tensor:
+    """a[rows[k]]·b[cols[k]] for every k, gathered and accumulated in fp32 (any order: its error is
+    within `_fp32_error` of the exact score rounded to fp32, like an fp32 GEMM's)."""
+    out = torch.empty(rows.numel(), device=a.device)
+    for k0 in range(0, rows.numel(), chunk):
+        k1 = min(rows.numel(), k0 + chunk)
+        out[k0:k1] = a.index_select(0, rows[k0:k1]).mul_(b.index_select(0, cols[k0:k1])).sum(1)
+    return out
+
+
+def _beats(im, tx, img, txt, pos, gallery, own, norms=None):
     """(1 per pair (img[k], txt[k]) whose exact score beats the positive's (score pos[k], gallery
     index own[k]) as gallery item gallery[k] — higher, or equal with a smaller index — else 0;
-    the number of pairs scored: all but the positives themselves, which never count)."""
+    the number of pairs decided: all but the positives themselves, which never count; the number
+    of those scored exactly).
+
+    With `norms` = (‖image rows‖, ‖text rows‖) the pairs are first scored in fp32 (`_fp32_dots`):
+    a pair whose fp32 score is more than `_fp32_error` away from pos is decided by it (the exact
+    score rounded to fp32 lies on the same side of pos, and is not equal to it); only the others
+    are scored exactly. Worth it where the band is wider than that error (bf16 tiles)."""
+    n_pairs = img.numel()
     keep = (gallery != own).nonzero().squeeze(1)
-    f = _exact_dots(im, tx, img.index_select(0, keep), txt.index_select(0, keep))
-    pos, gallery, own = (x.index_select(0, keep) for x in (pos, gallery, own))
-    won = torch.zeros(img.numel(), dtype=torch.long, device=img.device)
-    won[keep] = ((f > pos) | ((f == pos) & (gallery < own))).long()
-    return won, keep.numel()
+    img, txt, pos, gallery, own = (x.index_select(0, keep) for x in (img, txt, pos, gallery, own))
+    won = torch.zeros(keep.numel(), dtype=torch.bool, device=img.device)
+    exact = torch.arange(keep.numel(), device=img.device)
+    if norms is not None and keep.numel():
+        f = _fp32_dots(im, tx, img, txt)
+        err = _fp32_error(norms[0].index_select(0, img), norms[1].index_select(0, txt), im.shape[1])
+        won = f - err > pos
+        exact = ((f + err >= pos) & ~won).nonzero().squeeze(1)
+    f = _exact_dots(im, tx, img.index_select(0, exact), txt.index_select(0, exact))
+    pos, gallery, own = (x.index_select(0, exact) for x in (pos, gallery, own))
+    won[exact] = (f > pos) | ((f == pos) & (gallery < own))
+    out = torch.zeros(n_pairs, dtype=torch.long, device=img.device)
+    out[keep] = won.long()
+    return out, keep.numel(), exact.numel()
 
 
 def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None, *,
@@ -475,14 +537,18 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
     tile sorts its entries, per row against the row's positive and per column against the column's,
     into surely above, surely below and a narrow band around the positive (`_bands`), with one or
     two comparison passes per direction (`_direction`); only band entries other than the positive
-    itself are scored exactly.
+    itself are scored again: in fp32 first where the tile was bf16 (`_beats`), exactly where that
+    leaves them undecided.
 
     `approx` (default: a CPU with fast bf16 GEMMs and at least RANK_APPROX_MIN images and
     captions) computes the tiles with bf16 GEMMs, whose band is wider; a tile whose band holds
     too many entries (RESOLVE_MAX_FRACTION) is recounted from an fp32 GEMM, as are the rest of its
     row block. Either way the ranks are those of the exact scores. `stats`, if given, receives
-    "tiles", "fp32_tiles" (tiles counted from fp32 GEMMs) and "resolved" (entries scored exactly,
-    the positives' own excluded)."""
+    "tiles", "fp32_tiles" (tiles counted from fp32 GEMMs), "band_i2t" and "band_t2i" (band
+    entries scored again per direction, the positives' own excluded), "resolved_i2t",
+    "resolved_t2i" and their sum "resolved" (those scored exactly), and "seconds": thread-seconds
+    (summed over the worker threads) of each of PHASES, and "setup" (the positives' exact scores,
+    norms and bands, before the tiles)."""
     check_pair(image, text)
     n_img, n_txt = image.shape[0], text.shape[0]
     dev, d = image.device, image.shape[1]
@@ -490,6 +556,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
     im, tx = _as_f32(image), _as_f32(text)
     if approx is None:
         approx = _fast_bf16_gemm(dev) and min(n_img, n_txt) >= RANK_APPROX_MIN
+    t_setup = time.perf_counter()
     pos_t = _exact_dots(im, tx, ci, torch.arange(n_txt, device=dev))  # each caption with its image
     pos_i, best = best_caption(pos_t, ci, n_img)  # per image: best caption's score and index
     cnt_i = torch.zeros(n_img, dtype=torch.long, device=dev)
@@ -504,6 +571,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         tb, rt = _bf16_residuals(tx)
         precisions[torch.bfloat16] = (ib, tb, _bands(pos_i, na, ri, nt.max(), rt.max(), d, torch.bfloat16),
                                       _bands(pos_t, nt, rt, na.max(), ri.max(), d, torch.bfloat16))
+    t_setup = time.perf_counter() - t_setup
     workers = _workers(dev, n_img // 256)  # ≥ 256 image rows per worker
     bi = _block_size(n_img, block_q or RANK_BLOCK_Q, workers)
     bt = max(1, min(block_g or RANK_BLOCK_G, n_txt))
@@ -523,7 +591,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
             size = _round_up(min(bi, n_img), COUNT_GROUP) * _round_up(bt, COUNT_GROUP)
             setattr(local, str(dtype), (torch.empty(size, dtype=dtype, device=dev),
                                         torch.empty(size, dtype=dtype, device=dev),
-                                        torch.ones(COUNT_GROUP, 1, dtype=dtype, device=dev)))
+                                        torch.ones(SEGMENT, 1, dtype=dtype, device=dev)))
         return getattr(local, str(dtype))
 
     def block(i0):
@@ -531,50 +599,69 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         m = i1 - i0
         mp = _round_up(m, COUNT_GROUP)
         cnt_t = worker_counts()
-        tiles = fp32_tiles = resolved = 0
+        tiles = fp32_tiles = band_i2t = band_t2i = resolved_i2t = resolved_t2i = 0
+        seconds = dict.fromkeys(PHASES, 0.0)
         dtype = torch.bfloat16 if approx else torch.float32
+        sparse_rows = sparse_cols = True  # the last tile's `_direction` found few groups to read (its hint)
         for t0 in range(0, n_txt, bt):
             t1 = min(n_txt, t0 + bt)
             n = t1 - t0
             np_ = _round_up(n, COUNT_GROUP)
             own_r = ((best[i0:i1] >= t0) & (best[i0:i1] < t1)).float()  # positive inside the tile
             own_c = ((ci[t0:t1] >= i0) & (ci[t0:t1] < i1)).float()
+            recount = False
             while True:
                 a, b, (lo_r, hi_r), (lo_c, hi_c) = precisions[dtype]
                 buf, flag_buf, ones = buffers(dtype)
+                t_start = time.perf_counter()
                 s = _tile(buf, mp, np_)
                 torch.mm(a[i0:i1], b[t0:t1].T, out=s[:m, :n])
                 if n < np_:
                     s[:, n:] = float("-inf")
                 if m < mp:
                     s[m:] = float("-inf")
+                t_gemm = time.perf_counter()
                 flags = _tile(flag_buf, mp, np_)
                 max_band = float("inf") if dtype == torch.float32 else RESOLVE_MAX_FRACTION * m * n
                 rows = _direction(s, flags, ones, lo_r[i0:i0 + mp].unsqueeze(1), hi_r[i0:i0 + mp].unsqueeze(1),
-                                  own_r, 1, max_band)
+                                  own_r, 1, max_band, sparse_rows)
                 cols = rows and _direction(s, flags, ones, lo_c[t0:t0 + np_].unsqueeze(0),
-                                           hi_c[t0:t0 + np_].unsqueeze(0), own_c, 0, max_band)
+                                           hi_c[t0:t0 + np_].unsqueeze(0), own_c, 0, max_band, sparse_cols)
+                t_count = time.perf_counter()
+                phase = "recount" if recount else None
+                seconds[phase or "gemm"] += t_gemm - t_start
+                seconds[phase or "count"] += t_count - t_gemm
                 if cols:
                     break
                 dtype = torch.float32  # too many entries to decide exactly: recount in fp32
+                recount = True
             tiles += 1
             fp32_tiles += dtype == torch.float32
-            (rows_hi, (r, c)), (cols_hi, (r2, c2)) = rows, cols
+            t_start = time.perf_counter()
+            (rows_hi, (r, c), sparse_rows), (cols_hi, (r2, c2), sparse_cols) = rows, cols
             cnt_i[i0:i1] += rows_hi[:m].long()
             cnt_t[t0:t1] += cols_hi[:n].long()
+            norms = (na, nt) if dtype == torch.bfloat16 else None  # an fp32 band is as wide as that step's error
             img, txt = r + i0, c + t0
-            won, scored = _beats(im, tx, img, txt, pos_i[img], txt, best[img])
+            won, band, scored = _beats(im, tx, img, txt, pos_i[img], txt, best[img], norms)
             cnt_i.index_add_(0, img, won)
+            band_i2t += band
+            resolved_i2t += scored
             img, txt = r2 + i0, c2 + t0
-            won, scored2 = _beats(im, tx, img, txt, pos_t[txt], img, ci[txt])
+            won, band, scored = _beats(im, tx, img, txt, pos_t[txt], img, ci[txt], norms)
             cnt_t.index_add_(0, txt, won)
-            resolved += scored + scored2
-        return tiles, fp32_tiles, resolved
+            band_t2i += band
+            resolved_t2i += scored
+            seconds["resolve"] += time.perf_counter() - t_start
+        return tiles, fp32_tiles, band_i2t, band_t2i, resolved_i2t, resolved_t2i, seconds
 
     counts = map_threads(block, range(0, n_img, bi), workers)
     if stats is not None:
-        for key, value in zip(("tiles", "fp32_tiles", "resolved"), map(sum, zip(*counts))):
+        for key, value in zip(("tiles", "fp32_tiles", "band_i2t", "band_t2i", "resolved_i2t", "resolved_t2i"),
+                              map(sum, zip(*counts))):
             stats[key] = value
+        stats["resolved"] = stats["resolved_i2t"] + stats["resolved_t2i"]
+        stats["seconds"] = {"setup": t_setup, **{p: sum(c[-1][p] for c in counts) for p in PHASES}}
     cnt_t = partial_t[0]
     for extra in partial_t[1:]:
         cnt_t += extra

@@ -255,8 +255,9 @@ def test_ranks_bf16_tiles_resolve_ties_exactly(captions_per_image, dtype):
 
 def test_ranks_bf16_tiles_fall_back_to_fp32():
     """Unrelated random features put every positive in the bulk of its row: the bf16 tiles hold
-    too many ambiguous entries and are recounted from fp32 GEMMs, with the same exact ranks."""
-    image, text = unit(300, 24, 24), unit(300, 24, 25)
+    too many ambiguous entries (d = 256: about 4% of them, above RESOLVE_MAX_FRACTION) and are
+    recounted from fp32 GEMMs, with the same exact ranks."""
+    image, text = unit(300, 256, 24), unit(300, 256, 25)
     text[9] = text[4]
     stats = {}
     got = ranking_torch.retrieval_ranks(image, text, approx=True, block_q=128, stats=stats)
@@ -289,3 +290,70 @@ def test_bf16_bounds_hold(d):
         lo, hi = lo[:200, None], hi[:200, None]
         assert ((tile <= hi) | (exact > pos[:, None])).all() and ((tile >= lo) | (exact < pos[:, None])).all()
         assert (tile >= lo).logical_and(tile <= hi).float().mean() < 0.1  # the band is narrow
+
+
+def brute_force_ranks(image, text):
+    """Ranks (one caption per image) from every score computed in fp64 and rounded to fp32 (the
+    scores retrieval_ranks decides by), counted entry by entry: higher, or equal with a smaller index."""
+    s = (image.double() @ text.double().T).float()
+    pos = s.diagonal()
+    idx = torch.arange(s.shape[0])
+    i2t = ((s > pos[:, None]) | ((s == pos[:, None]) & (idx[None, :] < idx[:, None]))).sum(1)
+    t2i = ((s > pos[None, :]) | ((s == pos[None, :]) & (idx[:, None] < idx[None, :]))).sum(0)
+    return i2t, t2i
+
+
+def probe_with_ties(kind):
+    """300 images and captions of a benchmark data kind (positives at median rank 0, ~30, ~1% or
+    unrelated), with exact ties (a duplicated caption, a duplicated image) and near-ties at 1e-4 …
+    1e-2 (closer than the bf16 error, some closer than the fp32 one's reach)."""
+    from geomlab.benchmarks.common import probe_pair
+
+    image, text = probe_pair(kind, 300, 32, seed=5)
+    image[40:48] = near(image[39], torch.logspace(-4, -2, 8).unsqueeze(1), 1)
+    image[60] = image[61]
+    text[7] = text[5]  # caption 7 ties image 5's positive exactly
+    text[20] = near(text[21], 1e-4, 3)
+    text[100:104] = near(text[99], torch.logspace(-5, -3, 4).unsqueeze(1), 6)
+    return image, text
+
+
+@pytest.mark.parametrize("kind", ["rank0", "rank30", "rank1%", "unrelated"])
+@pytest.mark.parametrize("path", ["fp32", "bf16-resolved", "bf16-fallback"])
+@pytest.mark.parametrize("sparse", [0.0, 1.0])
+def test_ranks_every_path_on_every_data_kind(kind, path, sparse, monkeypatch):
+    """ranking_torch.retrieval_ranks forced down each path on each kind of benchmark data, against
+    the brute-force fp64 count: fp32 tiles; bf16 tiles whose bands are all resolved (fp32 step,
+    then exact); bf16 tiles all recounted in fp32 (RESOLVE_MAX_FRACTION 0 / inf); and either way
+    of `_direction` (reading the groups holding an entry ≥ lo, or counting above hi first:
+    SPARSE_GROUPS 1 / 0). Ragged, padded tiles of 64 × 100."""
+    monkeypatch.setattr(ranking_torch, "SPARSE_GROUPS", sparse)
+    if path != "fp32":
+        monkeypatch.setattr(ranking_torch, "RESOLVE_MAX_FRACTION", float("inf") if path == "bf16-resolved" else 0.0)
+    image, text = probe_with_ties(kind)
+    stats = {}
+    got = ranking_torch.retrieval_ranks(image, text, block_q=64, block_g=100, approx=path != "fp32", stats=stats)
+    want = brute_force_ranks(image, text)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    band = stats["band_i2t"] + stats["band_t2i"]
+    assert stats["resolved"] == stats["resolved_i2t"] + stats["resolved_t2i"] >= 1, stats  # the exact tie
+    assert int(got[0].sum() + got[1].sum()) > band, stats  # entries counted as surely above
+    if path == "fp32":
+        assert stats["fp32_tiles"] == stats["tiles"] and stats["resolved"] == band, stats
+    elif path == "bf16-resolved":  # the fp32 step decides most band entries, the exact scores the rest
+        assert stats["fp32_tiles"] == 0 and stats["resolved"] < band, stats
+    else:
+        assert 0 < stats["fp32_tiles"] <= stats["tiles"], stats
+
+
+def test_fp32_dots_within_the_fp32_bound():
+    """The first step of band resolution: gathered fp32 dot products lie within `_fp32_error` of
+    the exact scores rounded to fp32, for rows of very different norms and near-parallel pairs."""
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(400, 256, generator=g) * torch.rand(400, 1, generator=g) * 8
+    b = torch.cat([near(a[:200] / 3, 1e-4, 10), torch.randn(200, 256, generator=g)])
+    rows, cols = torch.arange(400).repeat(2), torch.randint(0, 400, (800,), generator=g)
+    f = ranking_torch._fp32_dots(a, b, rows, cols)
+    exact = ranking_torch._exact_dots(a, b, rows, cols)
+    bound = ranking_torch._fp32_error(a.norm(dim=1)[rows], b.norm(dim=1)[cols], 256)
+    assert ((f - exact).abs() <= bound).all()
