@@ -336,3 +336,11 @@ def test_forecast_with_one_seed_has_no_error():
     out = G.forecast_errors([decaying_r1(20, 1)], [np.zeros(20)], ["only"], horizon=1)
     assert out["error_history"] == [None] and out["error_geometry"] == [None]
     assert out["history_error"]["mean"] is None and out["difference"]["n"] == 0
+
+
+def test_empty_embeddings_are_refused_naming_the_argument():
+    empty, some = torch.zeros(0, 8), F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    with pytest.raises(ValueError, match="calibration_image has no rows"):
+        G.realigned_r1((some, some), (empty, empty), (some, some))
+    with pytest.raises(ValueError, match="cross_linear_map: image has no rows"):
+        G.cross_linear_map(empty, empty)

@@ -30,12 +30,21 @@ RIDGE_GRID = tuple(10.0 ** k for k in range(-4, 5))
 REALIGNMENTS = ("cross_orthogonal", "modality_orthogonal", "cross_linear")
 
 
+def _check_pairs(what: str, **named: torch.Tensor) -> None:
+    """check_rows, and at least one row in each: a map fitted on nothing or a probe of no pairs has
+    no R@1 (scikit-learn would fail later with a message about its penalty grid)."""
+    check_rows(what, nonzero=True, **named)
+    empty = next((k for k, x in named.items() if x.shape[0] == 0), None)
+    if empty is not None:
+        raise ValueError(f"{what}: {empty} has no rows; at least one pair is needed")
+
+
 def _split(what: str, name: str, x) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(image, text, caption_image) of a DomainEmbeddings or an (image, text[, caption_image]) tuple,
     refused with a ValueError from `what` naming `name`_image or `name`_text when a row holds NaN or
-    inf or is zero (no direction)."""
+    inf or is zero (no direction), or when it has no rows."""
     image, text, ci = _parts(x, None)
-    check_rows(what, nonzero=True, **{f"{name}_image": image, f"{name}_text": text})
+    _check_pairs(what, **{f"{name}_image": image, f"{name}_text": text})
     _pair_index(ci, image.shape[0], text.shape[0])  # one caption per image unless caption_image says otherwise
     return image, text, ci
 
@@ -46,7 +55,7 @@ def cross_orthogonal_map(image: torch.Tensor, text: torch.Tensor,
     image row of each caption), float64 [d, d]: the rotation (or reflection) that best turns the text
     space onto the image space (`measures._procrustes_rotation`, closest to I where the pairs leave
     directions free)."""
-    check_rows("cross_orthogonal_map", nonzero=True, image=image, text=text)
+    _check_pairs("cross_orthogonal_map", image=image, text=text)
     pair_image = _pair_index(caption_image, image.shape[0], text.shape[0])
     return _procrustes_rotation(_unit(text), _unit(image)[pair_image])
 
@@ -74,7 +83,7 @@ def cross_linear_map(image: torch.Tensor, text: torch.Tensor, caption_image: tor
     # Imported here: scikit-learn takes seconds to import and only the analysis needs it.
     from sklearn.linear_model import RidgeCV
 
-    check_rows("cross_linear_map", nonzero=True, image=image, text=text)
+    _check_pairs("cross_linear_map", image=image, text=text)
     pair_image = _pair_index(caption_image, image.shape[0], text.shape[0])
     x, y = _unit(text).numpy(), _unit(image)[pair_image].numpy()
     scale = x.shape[0] / x.shape[1]  # mean eigenvalue of XᵀX for unit rows
