@@ -143,12 +143,18 @@ class Source:
     config_path: Path | None   # the run's config.toml, when there is one
     ignored: list = field(default_factory=list)  # files of a checkpoint folder left out, each with why
 
+    def run(self) -> "RunDir | None":
+        """The run directory the series come from; None for a plain directory of checkpoints."""
+        if self.kind == "checkpoints":
+            return None
+        return RunDir(self.root if self.kind == "run" else self.root.parent)
+
     def evaluations(self) -> dict[str, dict]:
         """Checkpoint key -> the trainer's "eval" row for it in its metrics.jsonl ({} for a plain
         directory of checkpoints, which has none)."""
-        if self.kind == "checkpoints":
+        run = self.run()
+        if run is None:
             return {}
-        run = RunDir(self.root if self.kind == "run" else self.root.parent)
         dirs = {c.strategy_dir for cks in self.series.values() for c in cks}
         return {f"{d}/{r['checkpoint']}": r for d in sorted(dirs) for r in read_jsonl(run.metrics_path(d))
                 if r.get("kind") == "eval" and "checkpoint" in r}
@@ -349,6 +355,15 @@ class RunDir:
     def trace_path(self, strategy_dir: str, phase: int, step: int) -> Path:
         return self.root / strategy_dir / TRACES / f"{checkpoint_stem(phase, step)}.safetensors"
 
+    def fine_traces(self, strategy_dir: str) -> list[tuple[int, int, Path]]:
+        """(phase, step, path) of a strategy directory's fine traces (train.trace_every), in order."""
+        found = []
+        for path in (self.root / strategy_dir / "fine_traces").glob("*.safetensors"):
+            m = re.fullmatch(r"phase(\d+)_step(\d+)", path.stem)
+            if m:
+                found.append((int(m[1]), int(m[2]), path))
+        return sorted(found)
+
     def metrics_path(self, strategy_dir: str) -> Path:
         return self.root / strategy_dir / "metrics.jsonl"
 
@@ -537,11 +552,15 @@ class RunDir:
         return phase in (self.completed_phases(strategy_dir) or [])
 
     def mark_complete(self, strategy_dir: str, phase: int) -> None:
+        """Record `phase` of `strategy_dir` as completed in run.json, then drop its state.pt: the next
+        phase starts from this one's end checkpoint, and the state (weights and optimizer moments,
+        about three times the checkpoint) would only hold disk until that phase writes its own."""
         info = self.run_json()
         done = info.setdefault("completed", {}).setdefault(strategy_dir, [])
         if phase not in done:
             done.append(phase)
         atomic_write_json(self.run_json_path, info)
+        self.state_path(strategy_dir).unlink(missing_ok=True)  # the trainer saved it at this phase's last step
 
     def checkpoints(self, strategy_dir: str) -> list[Checkpoint]:
         """A strategy directory's checkpoints and traces by (phase, step). The last of each phase is

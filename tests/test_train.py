@@ -69,8 +69,10 @@ def test_output_dir_of_a_different_run_is_refused_untouched(tmp_path):
     assert snapshot(out) == before
 
     # The run's layout (docs/definitions.md, "Run directory"), and what the files hold.
-    for rel in ["config.toml", "run.json", "base/state.pt", "base/metrics.jsonl", "finetune/metrics.jsonl"]:
+    for rel in ["config.toml", "run.json", "base/metrics.jsonl", "finetune/metrics.jsonl"]:
         assert (out / rel).is_file(), rel
+    # a completed phase keeps no mid-phase state
+    assert not (out / "base" / "state.pt").exists() and not (out / "finetune" / "state.pt").exists()
     info = json.loads((out / "run.json").read_text())
     assert info["completed"] == {"base": [0], "finetune": [1, 2]}
     assert len(info["probes"]) == 6  # per domain a seen and a novel probe set

@@ -131,7 +131,7 @@ def test_tune_resumes_after_sigkill_without_rerunning_finished_points(tmp_path):
 
     resumed = subprocess.run([sys.executable, "-m", "geomlab.tune", str(config), "--out", str(cut)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before, "a finished point was trained again"
     got = _table(cut / "tuned.toml")
