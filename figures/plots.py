@@ -385,4 +385,5 @@ def figures(a: dict) -> list[tuple[str, str, go.Figure, str]]:
                     f"{name}'s probe embeddings on the sphere: a 3-component PCA fitted at {a['sphere']['fit_at']}, "
                     "each point scaled to unit length; the slider steps through checkpoints. Colour: probe set; "
                     "circle: image, diamond: text; hover a point for its caption."))
-    return out
+    from .disorder import disorder_sections  # imported here: figures.disorder imports this module
+    return out + disorder_sections(a.get("disorder_or_loss"))

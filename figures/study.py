@@ -8,6 +8,7 @@ from plotly.subplots import make_subplots
 
 from geomlab.geometry.inference import ALL_EQUAL, MIN_CLUSTERS
 
+from .disorder import disorder_sections
 from .plots import IMAGE_COLOR, PALETTE, TEXT_COLOR, _grid, _labels, _layout, esc
 from .summary import format_number
 
@@ -244,4 +245,4 @@ def study_figures(st: dict) -> list[tuple[str, str, go.Figure, str]]:
              "the weight distance), against domain 0's forgetting. Panel titles give Spearman's ρ across all points "
              "with its seeded cluster-bootstrap 95% CI (strategies resampled, all seeds of each), and the partial ρ "
              "given the weight distance. " + _rho_caption(st))]
-    return out
+    return out + disorder_sections(st.get("disorder_or_loss"))

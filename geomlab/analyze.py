@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from geomlab import kernels
+from geomlab import disorder, kernels
 from geomlab.embed import Embedder, Probes, check_probe_spec, load_traces
 from geomlab.figures import headline_numbers, write_report
 from geomlab.figures.summary import format_number as _fmt
@@ -39,6 +39,7 @@ from geomlab.models import check_model_name
 from geomlab.rundir import ANALYSIS, Source, discover, discover_seeds, is_multi_seed, seed_dir
 from geomlab.runtime import DEVICES, cpu_workers, map_threads, resolve_device, single_threaded
 from geomlab.study import aggregate, summary
+from geomlab.traces import read_trace
 from geomlab.weights import WeightDistances
 
 SCHEMA_VERSION = "geomlab.analysis/2"
@@ -222,7 +223,9 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
         kinds = _kinds(source, domains, captions)
         series = {name: _series(source, cks, traces, per_ckpt, done, sphere, domains, learned, evaluations, kinds)
                   for name, cks in source.series.items()}
+        _disorder_or_loss(source, traces, series, domains, learned, kinds, quiet)
 
+    seed = source.run_info.get("seed")
     return _jsonable({
         "schema": SCHEMA_VERSION,
         "source": {"path": str(source.root), "kind": source.kind, "run": source.run_info},
@@ -233,7 +236,31 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
                    "explained_variance": sphere.explained_variance,
                    "samples": sphere.samples(first, captions)},
         "settings": {"topology_exact_limit": exact_limit, "mutual_knn_k": 10, "sphere_samples": SPHERE_SAMPLES},
+        # the same numbers as a study's, over this run's one seed (no CIs, no forecast test)
+        "disorder_or_loss": {name: disorder.aggregate([s.get("disorder_or_loss")], [seed]) for name, s in series.items()},
     })
+
+
+def _disorder_or_loss(source: Source, traces: dict, series: dict, domains: list, learned: list | None,
+                      kinds: list, quiet: bool) -> None:
+    """Each series' "disorder_or_loss" entry (geomlab.disorder): realignment at its phase ends, and the
+    geometry along its fine traces; None where the run has neither calibration splits nor fine traces."""
+    run = source.run()
+    cache: dict = {}
+
+    def read(path):
+        if path not in cache:
+            cache[path] = read_trace(path)
+        return cache[path]
+
+    for name, cks in tqdm(source.series.items(), desc="disorder or loss", unit="series", disable=quiet or None,
+                          file=sys.stderr):
+        entry = series[name]
+        rows = entry["accuracy"]["row_checkpoints"]
+        at = entry["accuracy"]["learned_at"]
+        realigned = disorder.realignment_rows(cks, traces, domains, kinds, at, rows)
+        fine = disorder.fine_series(run, cks[-1].strategy_dir, domains, kinds, at, read) if run else None
+        entry["disorder_or_loss"] = ({"realignment": realigned, "series": fine} if realigned or fine else None)
 
 
 def _learned(source: Source, domains: list) -> list | None:
@@ -345,6 +372,10 @@ def print_summary(result: dict, out: Path, report: Path | None) -> None:
             print(f"  {'  novel':<12} Last {_fmt(n['last'])}  Avg {_fmt(n['avg'])}  BWT {_fmt(n['bwt'], '+.3f')}"
                   f"  forgetting {_fmt(n['mean_forgetting'])}  Transfer {_fmt(n['transfer'])}"
                   f"  domain-0 R@1 {_fmt(n['domain0_r1'])} (seen {_fmt(h['domain0_r1'])})")
+    for name, d in (result.get("disorder_or_loss") or {}).items():
+        line = disorder.summary_line(name, d)
+        if line:
+            print(line)
     if src["kind"] != "checkpoints" and any(a.get("accuracy", {}).get("learned_at") is None
                                             for a in result["strategies"].values()):
         print("  (Avg, BWT, forgetting, Transfer: n/a because no probe set is mapped to the phase that learns "

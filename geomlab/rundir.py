@@ -355,6 +355,9 @@ class RunDir:
     def trace_path(self, strategy_dir: str, phase: int, step: int) -> Path:
         return self.root / strategy_dir / TRACES / f"{checkpoint_stem(phase, step)}.safetensors"
 
+    def fine_trace_path(self, strategy_dir: str, phase: int, step: int) -> Path:
+        return self.root / strategy_dir / "fine_traces" / f"{checkpoint_stem(phase, step)}.safetensors"
+
     def fine_traces(self, strategy_dir: str) -> list[tuple[int, int, Path]]:
         """(phase, step, path) of a strategy directory's fine traces (train.trace_every), in order."""
         found = []

@@ -9,6 +9,7 @@ distance against its forgetting over every (strategy, seed), and within each str
 """
 from __future__ import annotations
 
+from geomlab import disorder
 from geomlab.figures.study import METRIC_LABELS, fmt, label
 from geomlab.figures.summary import MISSING, format_number, headline_numbers, pair_numbers
 from geomlab.geometry.forgetting import exact
@@ -226,6 +227,8 @@ def aggregate(runs: list[SeedRun], analyses: list[dict], *, sources=(), paths: d
                                    "points": points, **correlations},
         "within_strategy": {"drop": R1_DROP, "measures": list(CORRELATED),
                             "rows": {s: _within(s, analyses, seeds) for s in strategies}},
+        "disorder_or_loss": {s: disorder.aggregate([a["strategies"][s].get("disorder_or_loss") if s in a["strategies"]
+                                                    else None for a in analyses], seeds) for s in strategies},
         "settings": {"bootstrap_resamples": BOOTSTRAP_RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED,
                      "min_points": MIN_POINTS, "exact_below": EXACT_BELOW,
                      "min_clusters": MIN_CLUSTERS},
@@ -307,6 +310,8 @@ def summary(st: dict) -> str:
         lines.append(f"    {label(m):<24} {_rho(r)}" + _n_note(r["n"], n)
                      + (f"; partial {_rho(g['partial'][m])}" if m in g["partial"] else "")
                      + f"; means {_rho(g['strategy_means'][m])}")
+    lines += [line for name in st["strategies"]
+              if (line := disorder.summary_line(name, (st.get("disorder_or_loss") or {}).get(name)))]
     w = st.get("within_strategy")
     if w:
         lines.append(f"  within each strategy (seeds × checkpoints): Spearman ρ with {label(w['drop'])}")

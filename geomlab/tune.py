@@ -317,7 +317,7 @@ def main(argv=None) -> int:
                     return 130
                 if status:
                     job.status = "failed"
-                    tqdm.write(f"{run.root}: failed: {job.error}")
+                    tqdm.write(f"{run.root}: failed: {job.error}", file=sys.stderr)
                     bar.update(1)
                     continue
             job.status, job.metrics = "done", run_metrics(run, strategy)

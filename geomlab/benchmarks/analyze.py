@@ -1,4 +1,5 @@
-"""analyze: the analyser over a synthetic run (traces only) and exact topology drift at N = 20,000.
+"""analyze: the analyser over a synthetic run (traces only), the same with calibration splits and fine
+traces (what "disorder or loss" adds), and exact topology drift at N = 20,000.
 
 Targets (issue 4, two CPU cores): 3 strategies × 12 checkpoints × 5 domains × 500 probe pairs analysed
 from traces in ≤ 60 s; exact topology drift for N = 20,000 pairs between two checkpoints in ≤ 30 s
@@ -56,9 +57,37 @@ def add_arguments(p) -> None:
     p.add_argument("--dim", type=int, default=256, help="embedding width (geomlab-small: 256, ViT-B-32: 512)")
     p.add_argument("--drift-n", type=int, default=20_000, help="N for the exact topology-drift row")
     p.add_argument("--drift-dim", type=int, default=512)
+    p.add_argument("--calibration", type=int, default=512,
+                   help="calibration pairs per probe set in the 'disorder or loss' row (0: no such row)")
+    p.add_argument("--fine-rows", type=int, default=64, help="pairs per probe set in that row's fine traces")
     p.add_argument("--keep", metavar="DIR", help="write the synthetic run here and keep it")
     p.add_argument("--skip-run", action="store_true", help="only the topology-drift row")
     p.add_argument("--skip-drift", action="store_true", help="only the analyser row")
+
+
+def _analyze_seconds(args, names, **extra) -> tuple[float, dict]:
+    """Seconds to analyse a synthetic run of `names` (its other options `extra`), and the result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "run"
+        synthetic_run(root, strategies=names, checkpoints=args.checkpoints, domains=args.domains, n=args.n,
+                      d=args.dim, seed=0, **extra)
+        t0 = time.perf_counter()
+        result = analyze(root, report=False, quiet=True)
+        return time.perf_counter() - t0, result
+
+
+def _bench_disorder(args) -> list[dict]:
+    """What the realignment (calibration splits) and the fine-trace series add to an analysis."""
+    names = ["finetune", "modx", "joint", "er", "lwf", "ewc"][: args.strategies]
+    without, _ = _analyze_seconds(args, names)
+    with_, result = _analyze_seconds(args, names, calibration=args.calibration, fine_rows=args.fine_rows)
+    realigned = sum(len(p["rows"]) for s in result["strategies"].values()
+                    for p in ((s.get("disorder_or_loss") or {}).get("realignment") or {"probes": {}})["probes"].values())
+    shape = (f"{args.strategies}x{args.checkpoints}x{args.domains}x{args.n} d={args.dim}, calibration "
+             f"{args.calibration}, fine traces of {args.fine_rows}")
+    return [{"case": "analyze + disorder or loss", "shape": shape, "seconds": with_,
+             "note": f"+{with_ - without:.1f} s over the same run without ({without:.1f} s): {realigned} realignments; "
+                     f"load average {os.getloadavg()[0]:.1f}"}]
 
 
 def _bench_run(args) -> list[dict]:
@@ -105,6 +134,8 @@ def run(args) -> int:
     rows = []
     if not args.skip_run:
         rows += _bench_run(args)
+        if args.calibration:
+            rows += _bench_disorder(args)
     if not args.skip_drift:
         rows += _bench_drift(args)
     print_table(rows, ["case", "shape", "seconds", "cpu_s", "target_s", "ok", "peak_rss_mib", "extra_mib", "note"])

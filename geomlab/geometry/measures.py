@@ -335,6 +335,20 @@ def inter_modal_deviation(image_a: torch.Tensor, text_a: torch.Tensor, image_b: 
             "modality_gap_a": modality_gap(image_a, text_a), "modality_gap_b": modality_gap(image_b, text_b)}
 
 
+def disorder_scalars(a, b, *, caption_image: torch.Tensor | None = None) -> dict:
+    """The domain-level Spatial Disorder numbers of one probe set from a to b, as the headline reports
+    them (figures.summary.pair_numbers): mean rotation angle per modality, desynchronisation (mean
+    eigen-angle of R_Iᵀ R_T) and mean alignment drift, in degrees. The cheap part of
+    `spatial_disorder` (no topology, no flips), for the many traces of a series; `a`, `b`:
+    `DomainEmbeddings` or (image, text[, caption_image]) tuples of the same samples."""
+    image_a, text_a, ci = _parts(a, caption_image)
+    image_b, text_b, ci_b = _parts(b, caption_image)
+    dev = inter_modal_deviation(image_a, text_a, image_b, text_b, ci if ci is not None else ci_b)
+    return {"rotation_image": float(rotation_angles(image_a, image_b).mean()),
+            "rotation_text": float(rotation_angles(text_a, text_b).mean()),
+            "desync": dev["desync_mean"], "alignment_drift": float(dev["alignment_drift"].mean())}
+
+
 # ---------------------------------------------------------------------------------------------
 # flips: what the movement does to retrieval
 

@@ -27,7 +27,8 @@ def small_rotation(d: int, angle: float, gen: torch.Generator) -> torch.Tensor:
 
 
 def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints: int = 12, domains: int = 5,
-                  n: int = 500, d: int = 64, seed: int = 0, captions_per_image: int = 1, weights: bool = False) -> Path:
+                  n: int = 500, d: int = 64, seed: int = 0, captions_per_image: int = 1, weights: bool = False,
+                  calibration: int = 0, fine_rows: int = 0) -> Path:
     """Write runs/NAME-like `root`: run.json and traces for base (phase 0) and each strategy.
 
     A strategy has `checkpoints` checkpoints in all, counting the shared base phase-0 end one:
@@ -36,26 +37,40 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
     retrieval from its trace and, standing in for a zero-shot set "domainK/i2t" per probe set,
     that probe set's image→text R@1. With `weights`, each checkpoint also gets a small .pt file (a
     state dict that drifts step by step, less for later strategies, from its own generator: the
-    traces are the same either way), so that the weight distance from the base exists. Returns `root`.
+    traces are the same either way), so that the weight distance from the base exists. With
+    `calibration`, each probe set "domainK" has a calibration split "domainK/calibration" of that many
+    pairs, drawn and moved like it; with `fine_rows`, every checkpoint also writes a fine trace of
+    the first `fine_rows` pairs of each probe set (as `train.trace_every` does). Returns `root`.
     """
     run = RunDir(root)
     gen = torch.Generator().manual_seed(seed)
     names = [f"domain{k}" for k in range(domains)]
     base = {}
+    sizes = {}
     for name in names:
-        img = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
-        rep = img.repeat_interleave(captions_per_image, dim=0)
-        txt = F.normalize(rep + 0.35 * torch.randn(rep.shape, generator=gen, dtype=torch.float64), dim=1)
-        base[name] = (img, txt, torch.arange(n, dtype=torch.int64) + 10_000 * len(base))
-    caption_image = torch.arange(n).repeat_interleave(captions_per_image) if captions_per_image > 1 else None
+        for split, size in ((name, n), (f"{name}/calibration", calibration)):
+            if not size:
+                continue
+            img = F.normalize(torch.randn(size, d, generator=gen, dtype=torch.float64), dim=1)
+            rep = img.repeat_interleave(captions_per_image, dim=0)
+            txt = F.normalize(rep + 0.35 * torch.randn(rep.shape, generator=gen, dtype=torch.float64), dim=1)
+            base[split] = (img, txt, torch.arange(size, dtype=torch.int64) + 10_000 * len(base))
+            sizes[split] = size
+    names_all = list(base)
+
+    def caption_rows(size):
+        return torch.arange(size).repeat_interleave(captions_per_image) if captions_per_image > 1 else None
     wgen = torch.Generator().manual_seed(seed + 1_000_003)
     base_weights = {"visual.proj": torch.randn(d, d, generator=wgen), "text.proj": torch.randn(d, d, generator=wgen),
                     "logit_scale": torch.tensor(2.6593), "positions": torch.arange(8)}
 
-    def trace(state, phase, step):
-        return Trace(domains={k: DomainEmbeddings(v[0].float(), v[1].float(), v[2],
-                                                 None if caption_image is None else caption_image.clone())
-                              for k, v in state.items()}, phase=phase, step=step, model="geomlab-tiny")
+    def trace(state, phase, step, rows=None):
+        def emb(v, size):
+            size = size if rows is None else min(rows, size)
+            ci = caption_rows(size)
+            return DomainEmbeddings(v[0][:size].float(), v[1][:size * captions_per_image].float(), v[2][:size], ci)
+        return Trace(domains={k: emb(v, sizes[k]) for k, v in state.items()}, phase=phase, step=step,
+                     model="geomlab-tiny")
 
     def save(strategy_dir, state, phase, step, phase_end, w=None):
         if weights:
@@ -64,6 +79,8 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
                 "step": step, "strategy": strategy_dir, "phase_end": phase_end, "epoch": phase})
         t = trace(state, phase, step)
         write_trace(run.trace_path(strategy_dir, phase, step), t)
+        if fine_rows:
+            write_trace(run.fine_trace_path(strategy_dir, phase, step), trace(state, phase, step, fine_rows))
         retrieval = {k: retrieval_metrics(e.image, e.text, e.caption_image) for k, e in t.domains.items()}
         run.append_metrics(strategy_dir, {
             "kind": "eval", "phase": phase, "step": step, "checkpoint": checkpoint_stem(phase, step),
@@ -81,7 +98,8 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
         for p, count in enumerate(per_phase, 1):
             for c in range(1, count + 1):
                 new = {}
-                for di, (k, (img, txt, ids)) in enumerate(state.items()):
+                for k, (img, txt, ids) in state.items():
+                    di = names.index(k.split("/")[0])  # a calibration split moves like its probe set
                     ri = small_rotation(d, 0.08 * scale, gen)
                     rt = small_rotation(d, 0.05 * scale, gen)
                     noise = (0.12 if di == 0 else 0.03) * scale
@@ -93,9 +111,10 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
                      for k, v in w.items()}
                 save(strategy, state, p, 50 * c, c == count, w)
         completed[strategy] = list(range(1, phases + 1))
-    info = {"strategies": list(strategies), "phases": names, "probes": names, "completed": completed, "seed": seed,
+    info = {"strategies": list(strategies), "phases": names, "probes": names_all, "completed": completed, "seed": seed,
             "device": "cpu", "model": "geomlab-tiny", "versions": {},
-            "probe_phases": {name: [k] for k, name in enumerate(names)}}
+            "probe_phases": {name: [names.index(name.split("/")[0])] for name in names_all},
+            "probe_kinds": {name: "calibration" if "/" in name else "seen" for name in names_all}}
     atomic_write_json(run.run_json_path, info)
     return run.root
 
