@@ -16,6 +16,7 @@ same and return the analysis.json object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from geomlab import disorder, kernels
+from geomlab.data import CALIBRATION_KIND, NOVEL_KIND, probe_kind
 from geomlab.embed import Embedder, Probes, check_probe_spec, load_traces
 from geomlab.figures import headline_numbers, write_report
 from geomlab.figures.summary import format_number as _fmt
@@ -174,11 +176,20 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
 
     Runs with one BLAS/torch thread per worker on `cpu_workers()` Python threads: on small shared
     machines that is far faster than letting OpenMP/OpenBLAS threads spin."""
+    # Calibration sets are in the traces for realignment fits alone (docs/definitions.md, "Calibration
+    # split"): every measure below, and so analysis.json's domains, covers the scored probe sets only,
+    # which every trace must hold alike (calibration sets may differ: a run from before they existed,
+    # resumed, has them in its later traces only).
     first = traces[next(iter(source.series.values()))[0].key][0]
-    domains = list(first.domains)
+    kind = dict(zip(first.domains, _kinds(source, list(first.domains), captions)))
+    domains = [d for d in first.domains if kind[d] != CALIBRATION_KIND]
+    kinds = [kind[d] for d in domains]
     for key, (tr, _) in traces.items():
-        if list(tr.domains) != domains:
-            raise AnalyzeError(f"{key}: trace domains {list(tr.domains)} differ from {domains}")
+        scored = [d for d, k in zip(tr.domains, _kinds(source, list(tr.domains), captions))
+                  if k != CALIBRATION_KIND]
+        if scored != domains:
+            raise AnalyzeError(f"{key}: trace domains {scored} differ from {domains}")
+    first = _scored_only(first, domains)
 
     pairs = []
     for cks in source.series.values():
@@ -220,7 +231,6 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
 
         sphere = SphereProjection.fit(first)
         learned, evaluations = _learned(source, domains), source.evaluations()
-        kinds = _kinds(source, domains, captions)
         series = {name: _series(source, cks, traces, per_ckpt, done, sphere, domains, learned, evaluations, kinds)
                   for name, cks in source.series.items()}
         _disorder_or_loss(source, traces, series, domains, learned, kinds, quiet)
@@ -279,11 +289,17 @@ def _probes_learned_at(A, domains: list, learned: list | None, t: int) -> dict |
 
 
 def _kinds(source: Source, domains: list, probes: dict) -> list:
-    """Each probe set's kind, "seen" or "novel" (its captions held out of training): from run.json's
-    probe_kinds, else from the probe sets known (`--probe`, the run's config), else "seen"."""
+    """Each probe set's kind, "seen", "novel" (its captions held out of training) or "calibration":
+    from run.json's probe_kinds, else from the probe sets known (`--probe`, the run's config), else
+    by its name (geomlab.data.probe_kind: a calibration set's name ends in "/calibration")."""
     kinds = source.run_info.get("probe_kinds")
-    kinds = kinds if isinstance(kinds, dict) else {n: getattr(p, "kind", "seen") for n, p in probes.items()}
-    return ["novel" if kinds.get(d) == "novel" else "seen" for d in domains]
+    kinds = kinds if isinstance(kinds, dict) else {n: p.kind for n, p in probes.items() if hasattr(p, "kind")}
+    return [probe_kind(d, kinds) for d in domains]
+
+
+def _scored_only(trace, domains: list):
+    """`trace` with only the probe sets `domains` (the sphere view is fitted on them alone)."""
+    return dataclasses.replace(trace, domains={d: trace.domains[d] for d in domains})
 
 
 def _metrics_on(A, domains: list, learned: list | None, cols: list, T: int) -> dict:
@@ -320,7 +336,7 @@ def _series(source: Source, cks: list, traces: dict, per_ckpt: dict, done: dict,
         learned = None
     # the headline metrics on the seen probe sets; the same on the novel ones (captions held out of
     # training, docs/definitions.md "Held-out combinations") under "novel"; forgetting: every probe set
-    novel = [p for p, k in enumerate(kinds or []) if k == "novel"]
+    novel = [p for p, k in enumerate(kinds or []) if k == NOVEL_KIND]
     seen = [p for p in range(len(domains)) if p not in novel] or list(range(len(domains)))
     entry["accuracy"] = {
         "rows": [cks[k].label for k in rows], "row_checkpoints": rows, "domains": domains, "matrix": A,

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from geomlab.kernels import MODX_ALPHA, REDUCTIONS, ModxOptions
+from geomlab.probe_kinds import CALIBRATION_SIZE
 from geomlab.runtime import DEVICES
 
 if sys.version_info >= (3, 11):
@@ -81,6 +82,9 @@ SCHEMA: dict = {
     "data": {
         "stream": "shapes",
         "probe_size": 200,
+        "calibration_size": CALIBRATION_SIZE,  # pairs per calibration set, one beside each seen probe set:
+                                     # held out of the probe and of training, in every trace, never scored
+                                     # (realignment fits, docs/definitions.md "Calibration split"); 0 = none
         "probe_cache_mb": 2048,      # real data: probe images are decoded once, before training, and kept
                                      # decoded (uint8, 3·S·S bytes each) up to this many MiB; 0 = re-decode
                                      # at every checkpoint (in data.num_workers DataLoader workers)
@@ -200,6 +204,7 @@ class Range:
 
 NON_NEGATIVE, POSITIVE, AT_LEAST_ONE = Range(0), Range(0, strict_lo=True), Range(1)
 RANGES = {
+    ("data", "calibration_size"): NON_NEGATIVE,
     ("data", "shapes", "reference_size"): NON_NEGATIVE, ("data", "shapes", "reference_texts"): NON_NEGATIVE,
     ("data", "shapes", "novel_share"): Range(0, 1, strict_hi=True),
     ("lwf", "weight"): NON_NEGATIVE, ("lwf", "temperature"): POSITIVE,

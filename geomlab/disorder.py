@@ -19,9 +19,9 @@ from geomlab.geometry import disorder_scalars, forecast_errors, lead_lag, realig
 from geomlab.geometry.forgetting import _r1
 from geomlab.geometry.inference import mean_ci
 from geomlab.geometry.realign import REALIGNMENTS
+from geomlab.probe_kinds import SEEN_KIND, calibration_name
 from geomlab.traces import read_trace
 
-CALIBRATION_SUFFIX = "/calibration"  # the calibration split of probe set "d0_basic" is "d0_basic/calibration"
 MEASURES = ("rotation_image", "rotation_text", "desync", "alignment_drift")
 ORTHOGONAL = ("cross_orthogonal", "modality_orthogonal")
 PARTS = ("rotation", "linear_only", "not_recovered")
@@ -29,10 +29,6 @@ MAX_LAG = 5            # traces either way (at train.trace_every = 10: 50 steps)
 FORECAST_HORIZON = 3   # traces ahead
 FORECAST_HISTORY = 3   # traces of history in each model
 MIN_SERIES = FORECAST_HISTORY + FORECAST_HORIZON + 1  # shorter series have no forecast window
-
-
-def calibration_of(probe: str) -> str:
-    return probe + CALIBRATION_SUFFIX
 
 
 def loss_split(r: dict) -> dict | None:
@@ -55,23 +51,31 @@ def loss_split(r: dict) -> dict | None:
 def realignment_rows(cks: list, traces: dict, domains: list, kinds: list, learned: list | None,
                      rows: list[int]) -> dict | None:
     """Realignment of every old seen probe set that has a calibration split, at every phase end after
-    the phase that learned it (`rows`: the checkpoint index of each phase end, row 0 the base).
-    {"probes": {probe: {"learned_at", "rows": [{"row", "label", **realignment}], "split": loss_split
-    at the last row}}}; None without calibration splits or a phase mapping."""
+    the phase that learned it (`rows`: the checkpoint index of each phase end, row 0 the base), where
+    every one of those traces holds the calibration set (`domains`: the scored probe sets; their
+    calibration sets are read from the traces by name). {"probes": {probe: {"learned_at", "rows":
+    [{"row", "label", **realignment}], "split": loss_split at the last row}}}; None without
+    calibration splits or a phase mapping."""
     if learned is None:
         return None
     out = {}
     for p, name in enumerate(domains):
-        cal = calibration_of(name)
+        cal = calibration_name(name)
         t_p = learned[p]
-        if kinds[p] != "seen" or cal not in domains or t_p is None or t_p >= len(rows) - 1:
+        if kinds[p] != SEEN_KIND or t_p is None or t_p >= len(rows) - 1 or not all(
+                cal in traces[cks[k].key][0].domains for k in rows[t_p:]):
             continue
         ref = traces[cks[rows[t_p]].key][0].domains
-        reference = realigned_r1(ref[name], ref[cal], ref[cal])
         entries = []
         for t in range(t_p + 1, len(rows)):
             now = traces[cks[rows[t]].key][0].domains
-            r = realignment(now[name], now[cal], ref[name], ref[cal], reference=reference)
+            try:  # a NaN, inf or zero row of the calibration set, named with its checkpoint
+                if not entries:
+                    reference = realigned_r1(ref[name], ref[cal], ref[cal])
+                r = realignment(now[name], now[cal], ref[name], ref[cal], reference=reference)
+            except ValueError as e:
+                raise ValueError(f"{cks[rows[t_p]].label} → {cks[rows[t]].label}, probe set {name!r} and "
+                                 f"{cal!r}: {e}") from None
             entries.append({"row": t, "label": cks[rows[t]].label, **r})
         out[name] = {"learned_at": t_p, "rows": entries, "split": loss_split(entries[-1])}
     return {"probes": out} if out else None
@@ -98,7 +102,7 @@ def fine_series(run, strategy_dir: str, domains: list, kinds: list, learned: lis
     out = {}
     for p, name in enumerate(domains):
         t_p = learned[p]
-        if kinds[p] != "seen" or t_p is None or t_p >= last_phase:
+        if kinds[p] != SEEN_KIND or t_p is None or t_p >= last_phase:
             continue
         at = [k for k, (phase, _, _) in enumerate(loaded) if phase == t_p]
         if not at:

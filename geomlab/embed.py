@@ -60,7 +60,8 @@ def check_probe_spec(spec: str | None) -> None:
 
 
 def load_probes(spec: str, image_size: int) -> list[ProbeSet]:
-    """The probe sets named by `spec`: 'shapes' (every ShapeWorld probe split) or an experiment config."""
+    """The probe sets named by `spec`: 'shapes' (every ShapeWorld probe split and calibration split,
+    as the default config has them) or an experiment config."""
     check_probe_spec(spec)
     if spec == "shapes":
         return shapes.probe_sets(seed=0, image_size=image_size, probe_size=200, domains=5)
@@ -108,10 +109,12 @@ class Probes:
                 cfg = load_config(self.config_path)
                 if cfg["data"]["stream"] == "shapes":
                     opts = cfg["data"].get("shapes", {})
-                    # image_size 8: only the captions are wanted, and they do not depend on it
+                    # image_size 8: only the captions are wanted, and they do not depend on it; no
+                    # calibration sets: the analyser shows none (their kind is known by name)
                     sets = shapes.probe_sets(seed=int(opts.get("seed", cfg["run"]["seed"])), image_size=8,
                                              probe_size=cfg["data"]["probe_size"], domains=opts.get("domains", 5),
-                                             novel_share=opts.get("novel_share", shapes.NOVEL_SHARE))
+                                             novel_share=opts.get("novel_share", shapes.NOVEL_SHARE),
+                                             calibration_size=0)
                     return {p.name: p for p in sets}
         except Exception:  # noqa: BLE001 - captions only label hover text; ids are shown otherwise
             return {}

@@ -510,7 +510,8 @@ class RunDir:
             "probe_phases": {p.name: list(p.phases) for p in trainer.stream.probes},
             # pairs each phase trains on: a resume that changes a data policy may change no finished one
             "phase_pairs": [len(p.train) for p in trainer.stream.phases],
-            # "seen" or "novel" (captions held out of training): the analyser reports them apart
+            # "seen", "novel" (captions held out of training) or "calibration" (realignment-fit pairs,
+            # never scored): the analyser reports seen and novel apart and leaves calibration sets out
             "probe_kinds": {p.name: p.kind for p in trainer.stream.probes},
             "versions": {"geomlab": version, "torch": torch.__version__, "open_clip": open_clip.__version__,
                          "python": platform.python_version()},

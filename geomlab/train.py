@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from geomlab import __version__
 from geomlab.config import ConfigError, dumps
-from geomlab.data import DataError, build_stream, with_pretrained_base
+from geomlab.data import SCORED_KINDS, SEEN_KIND, DataError, build_stream, with_pretrained_base
 from geomlab.embed import embed_probe
 from geomlab.geometry import retrieval_metrics
 from geomlab.io import WriteError, atomic_torch_save, load_checkpoint
@@ -333,7 +333,11 @@ class Trainer:
         atomic_torch_save(self.run.checkpoint_path(strategy_dir, phase, step), {
             "state_dict": weights, "name": self.config["model"]["name"], "phase": phase,
             "step": step, "strategy": strategy_dir, "phase_end": phase_end, "epoch": phase})
-        retrieval = {name: retrieval_metrics(e.image, e.text, e.caption_image) for name, e in embeddings.items()}
+        # calibration sets are in the trace only (realignment fits): scoring them would cost a retrieval
+        # pass each and put them beside the probes in every table that reads metrics.jsonl
+        scored = {p.name for p in self.stream.probes if p.kind in SCORED_KINDS}
+        retrieval = {name: retrieval_metrics(e.image, e.text, e.caption_image)
+                     for name, e in embeddings.items() if name in scored}
         row = {"kind": "eval", "phase": phase, "step": step, "checkpoint": checkpoint_stem(phase, step),
                "phase_end": phase_end, "retrieval": retrieval}
         if self.stream.zeroshot:
@@ -568,7 +572,7 @@ def describe(trainer: "Trainer", config: dict, root: RunDir) -> str:
     for probe in stream.probes:
         measured = ", ".join(map(str, probe.phases)) or "none (never trained on)"
         lines.append(f"  {probe.name:26s} {len(probe.ids):>7,} {len(probe.captions):>7,}  phase {measured}"
-                     + ("" if probe.kind == "seen" else f" ({probe.kind})"))
+                     + ("" if probe.kind == SEEN_KIND else f" ({probe.kind})"))
     if stream.reference is not None:
         lines.append(f"reference set: {len(stream.reference):,} pairs, {len(stream.reference_texts or []):,} texts")
     for zs in stream.zeroshot:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from geomlab.config import CHOICES, RANGES, ConfigError, dumps, load_config, tomllib
 from geomlab.io import WriteError, atomic_write_json, atomic_write_text
+from geomlab.probe_kinds import SEEN_KIND, probe_kind
 from geomlab.rundir import RunDir, RunDirError, config_differences, seed_dir
 
 MIN_POINTS = 4
@@ -117,11 +118,12 @@ def point_config(config: dict, seed: int, point: Point | None) -> dict:
 
 def run_metrics(run: RunDir, strategy: str) -> dict:
     """Last, Avg, domain-0 and last-domain R@1 of a finished run, on the probe sets that measure
-    data seen in training (ShapeWorld's "novel" probes are left out of the headline numbers)."""
+    data seen in training (ShapeWorld's "novel" probes are left out of the headline numbers, and
+    calibration sets, never scored, out of everything)."""
     from geomlab.geometry.forgetting import continual_metrics, learned_at
     info = run.run_json()
     kinds = info.get("probe_kinds", {})
-    probes = [p for p in info["probes"] if kinds.get(p, "seen") == "seen"]
+    probes = [p for p in info["probes"] if probe_kind(p, kinds) == SEEN_KIND]
     rows = {0: run.accuracy_rows("base")[0], **run.accuracy_rows(strategy)}
     A = [[rows[t][p] for p in probes] for t in sorted(rows)]
     learned = [learned_at(info["probe_phases"][p]) for p in probes]

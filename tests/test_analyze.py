@@ -243,7 +243,8 @@ def test_plain_directory_of_open_clip_checkpoints(tmp_path):
         ("epoch_1", 1, "checkpoints"), ("epoch_2", 2, "checkpoints"), ("epoch_10", 10, "checkpoints")]
     assert {c["source"] for c in s["checkpoints"]} == {"embedded"}
     probes = shapes.probe_sets(seed=0, image_size=32, probe_size=200, domains=5)
-    assert a["domains"] == [p.name for p in probes]
+    # --probe shapes embeds the calibration sets too (the default config's), and analyses none of them
+    assert a["domains"] == [p.name for p in probes if p.kind != "calibration"] and len(probes) == 15
     # the embedded traces are the model's own embeddings of the probe sets
     cached = [read_trace(ckpts / "analysis" / "cache" / "traces" / "checkpoints" / f"{c['stem']}.safetensors")
               for c in s["checkpoints"]]
@@ -324,7 +325,9 @@ def test_run_without_traces_embeds_checkpoints(tmp_path):
     assert main([str(root), "-q", "--no-report"]) == 0
     a = json.loads((root / "analysis" / "analysis.json").read_text())
     probes = shapes.probe_sets(seed=0, image_size=32, probe_size=40, domains=2)
-    assert a["domains"] == [p.name for p in probes]
+    # the run's config embeds its calibration sets too; run.json (written before they existed) does not
+    # name them, and their names alone keep them out of the analysis
+    assert a["domains"] == [p.name for p in probes if p.kind != "calibration"] and len(probes) == 6
     d0 = probes[0]
     samples = a["sphere"]["samples"][d0.name]
     assert samples["captions"] == [d0.captions[int((d0.ids == i).nonzero()[0, 0])] for i in samples["ids"]]

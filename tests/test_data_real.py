@@ -92,6 +92,7 @@ def make_wds(root: Path, shards: int = 2, per_shard: int = 5, prefix: str = "tra
 
 
 def config_text(root: Path, sources: list[dict], **data) -> str:
+    data = {"calibration_size": 0, **data}  # these tests' probe sources are tiny: no calibration set unless asked
     lines = ['[run]', 'name = "real"', 'strategies = ["finetune"]', '[model]', 'name = "geomlab-tiny"',
              '[data]', 'stream = "datasets"', f'root = "{root}"', 'probe_size = 0']
     lines += [f"{k} = {json.dumps(v)}" for k, v in data.items()]
@@ -184,6 +185,51 @@ def test_probe_images_must_be_held_out(tmp_path):
                  "images": "flickr30k/images", "splits": ["train", "test"]}
     with pytest.raises(DataError, match="both train source"):
         build_stream("datasets", data_config(tmp_path, [train_src, FLICKR_TEST]), image_size=32, preprocess=None, seed=0)
+
+
+def test_calibration_set_is_the_end_of_each_probe_part(tmp_path):
+    """data.calibration_size: the last N records of a probe part are its calibration set (kind
+    "calibration", the probe set's phases, every caption), the probe the first probe_size of the rest;
+    a part too small for both is refused naming the source and the numbers; calibration images are
+    held out of training like the probe's."""
+    make_karpathy(tmp_path, n_train=4, n_test=6)   # test records: images 104..109, ordinals 0..5 in the probe source
+    train_src = {"name": "flickr30k", "format": "karpathy", "path": "flickr30k/dataset_flickr30k.json",
+                 "images": "flickr30k/images"}
+    probe_src = dict(FLICKR_TEST, measures=["flickr30k"])
+    uid = lambda p: [i % 10 ** 9 for i in p.ids.tolist()]  # noqa: E731  (ordinal in the source)
+
+    def build(calibration_size, probe_size=0, sources=(train_src, probe_src)):
+        cfg = dict(data_config(tmp_path, list(sources), calibration_size=calibration_size), probe_size=probe_size)
+        return build_stream("datasets", cfg, image_size=32, preprocess=None, seed=0)
+
+    s = build(2)
+    probe, cal = s.probes
+    assert (probe.name, probe.kind, cal.name, cal.kind) == ("flickr30k_test", "seen", "flickr30k_test/calibration",
+                                                            "calibration")
+    assert uid(probe) == [0, 1, 2, 3] and uid(cal) == [4, 5] and cal.phases == probe.phases == (0,)
+    assert cal.captions == captions(108) + captions(109) and cal.caption_image.tolist() == [0] * 5 + [1] * 5
+    assert [(p["name"], p["images"], p["kind"]) for p in s.info["probe_sets"]] == [
+        ("flickr30k_test", 4, "seen"), ("flickr30k_test/calibration", 2, "calibration")]
+    assert s.info["calibration_size"] == 2
+    # probe_size: the first N before the calibration records; 0: no calibration set, the probe as before
+    assert [uid(p) for p in build(2, probe_size=3).probes] == [[0, 1, 2], [4, 5]]
+    assert [uid(p) for p in build(0).probes] == [[0, 1, 2, 3, 4, 5]]
+    assert [uid(p) for p in build(5).probes] == [[0], [1, 2, 3, 4, 5]]
+    for calibration_size, probe_size, needs in ((6, 0, 7), (2, 5, 7)):
+        with pytest.raises(DataError, match=rf"data.sources\['flickr30k_test'\], probe set 'flickr30k_test': 6 "
+                                            rf"records, too few for data.calibration_size = {calibration_size} .*"
+                                            rf"needs {needs}"):
+            build(calibration_size, probe_size)
+    # a calibration image in a train source is refused like a probe image (not when no calibration set uses it)
+    make_csv(tmp_path, n=4)
+    (tmp_path / "csv" / "probe.csv").write_text("filepath,title\n" + "".join(
+        f"img/{i}.jpg,{captions(i, 1)[0]}\n" for i in range(200, 204)))
+    (tmp_path / "csv" / "also.csv").write_text(f"filepath,title\nimg/203.jpg,another caption\n")
+    sources = [{"name": "also", "format": "csv", "path": "csv/also.csv"},
+               {"name": "pics_test", "format": "csv", "path": "csv/probe.csv", "role": "probe"}]
+    assert [uid(p) for p in build(0, probe_size=3, sources=sources).probes] == [[0, 1, 2]]
+    with pytest.raises(DataError, match=r"203\.jpg: image is in both train source 'also' and probe source 'pics_test'"):
+        build(1, probe_size=3, sources=sources)
 
 
 def _bad_inputs(root: Path):
@@ -379,6 +425,7 @@ def test_paper_configs_build_on_the_documented_layout(tmp_path):
                 cfg["modx"]["alpha"]) == (35, 5e-4, 0.1, 1e-8, 0.2, 280, 20.0)
         s = build_stream("datasets", cfg["data"], image_size=32, preprocess=None, seed=0)
         assert [p.name for p in s.phases] == phases
+        # the paper's probes, whole: no calibration set takes the end of them
         assert [(p.name, len(p.ids), len(p.captions)) for p in s.probes] == [("flickr30k_test", 3, 15), ("coco_test", 4, 20)]
         # train_captions = "random" (as released): one item per image, a caption drawn per access
         coco = s.phases[0].train

@@ -72,9 +72,9 @@ def test_a_turned_text_space_is_all_recovered_by_rotation_and_lost_information_b
     g = torch.Generator().manual_seed(3)
     gone = {"d0": _emb(image, F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)),
             "d0/calibration": _emb(cal_image, F.normalize(torch.randn(cal, d, generator=g, dtype=torch.float64), dim=-1))}
-    domains, kinds = ["d0", "d0/calibration"], ["seen", "calibration"]
     cks, traces = _run_of([base, turned, gone])
-    out = disorder.realignment_rows(cks, traces, domains, kinds, [0, None], [0, 1, 2])
+    # the scored probe sets alone: their calibration sets are found in the traces by name
+    out = disorder.realignment_rows(cks, traces, ["d0"], ["seen"], [0], [0, 1, 2])
     rows = out["probes"]["d0"]["rows"]
     assert [r["row"] for r in rows] == [1, 2]
     turned_row, gone_row = rows
@@ -83,8 +83,15 @@ def test_a_turned_text_space_is_all_recovered_by_rotation_and_lost_information_b
     split = disorder.loss_split(gone_row)
     assert out["probes"]["d0"]["split"] == split                          # the split is the last row's
     assert split["not_recovered"] > 0.8 * split["lost"]
-    # the calibration split itself is never a probe set with a realignment
     assert set(out["probes"]) == {"d0"}
+    # a NaN in a calibration split is refused, naming the checkpoints and the set
+    bad = traces["k1"][0].domains["d0/calibration"]
+    bad.text[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"phase 0 → phase 1, probe set 'd0' and 'd0/calibration'"):
+        disorder.realignment_rows(cks, traces, ["d0"], ["seen"], [0], [0, 1, 2])
+    # a probe set whose calibration split some trace lacks (a run from before they existed) is left out
+    del traces["k2"][0].domains["d0/calibration"]
+    assert disorder.realignment_rows(cks, traces, ["d0"], ["seen"], [0], [0, 1, 2]) is None
 
 
 def _fine_run(tmp_path: Path, seed: int) -> "disorder_run":

@@ -14,8 +14,8 @@ from geomlab.kernels import reference
 from geomlab.strategies import Features
 from geomlab.strategies.ewc import FISHER_ORDER, diagonal_fisher, per_sample_clip_losses
 
-SMALL = ["data.probe_size=8", "data.shapes.domains=3", "data.shapes.train_size=32", "train.batch_size=16",
-         "data.shapes.reference_size=40"]
+SMALL = ["data.probe_size=8", "data.calibration_size=8", "data.shapes.domains=3", "data.shapes.train_size=32",
+         "train.batch_size=16", "data.shapes.reference_size=40"]
 
 
 def unit(n, d, seed, dtype=torch.float64):

@@ -29,7 +29,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 STEPS = 8
 ARGS = ["--strategies", "finetune", "data.probe_size=16", "data.shapes.domains=2", "data.shapes.train_size=64",
         "train.batch_size=16", "train.base_steps=2", f"train.steps={STEPS}", "train.checkpoint_every=2",
-        "train.log_every=1"]
+        "train.log_every=1", "data.calibration_size=8"]
 
 
 def cli(module: str, *args, timeout=300) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@ adding a strategy to a run, flag hints, --dry-run."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ name = "geomlab-tiny"
 [data]
 stream = "shapes"
 probe_size = 16
+calibration_size = 8
 [data.shapes]
 domains = 2
 train_size = 96
@@ -129,6 +131,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
     assert "0 d0_basic" in text and "1 d1_neon" in text and "40 pairs" in text
     assert "d0_basic/novel" in text and "phase 0" in text and "modx (alpha=20.0" in text
+    # the calibration sets (default data.calibration_size), listed with their kind
+    assert re.search(r"d1_neon/calibration +512 +512  phase 1 \(calibration\)", text), text
     assert "warning: phase 'd0_basic' has 40 pairs, fewer than a batch (64)" in text and "refused unless" in text
     # without the option a batch larger than a phase is refused, before anything is written
     assert train.main(["--out", str(out), "--strategies", "finetune", "data.shapes.domains=2",
@@ -241,7 +245,7 @@ def test_a_pretrained_base_is_row_0_and_every_stream_phase_is_trained(tmp_path):
     from geomlab.models import create_model, image_size
 
     small = ["data.shapes.domains=2", "data.shapes.train_size=64", "data.probe_size=16", "train.batch_size=16",
-             "train.steps=3", "der.anchor_size=8"]
+             "train.steps=3", "der.anchor_size=8", "data.calibration_size=8"]
     torch.manual_seed(7)  # weights no run of this test starts from by itself
     weights_file = tmp_path / "released.pt"
     torch.save({"state_dict": create_model("geomlab-tiny")[0].state_dict()}, weights_file)
@@ -266,7 +270,7 @@ def test_a_pretrained_base_is_row_0_and_every_stream_phase_is_trained(tmp_path):
     config = load_config(None, small)
     model, transforms, tokenizer = create_model("geomlab-tiny", str(weights_file))
     stream = build_stream("shapes", config["data"], image_size=image_size(model), preprocess=transforms, seed=0)
-    for probe in stream.probes:
+    for probe in (p for p in stream.probes if p.kind != "calibration"):  # calibration sets: no column
         e = embed_probe(model, tokenizer, probe, "cpu")
         similarity = e.image.double() @ e.text.double().T
         i2t = (probe.caption_image[similarity.argmax(1)] == torch.arange(len(e.image))).double().mean()

@@ -103,7 +103,8 @@ def test_built_stream_records_the_same_mapping_as_the_layout(tmp_path):
             "key_values": ["indoor", "outdoor"], "measures": ["rooms"]},
            {"name": "all_test", "format": "csv", "path": "probe.csv", "role": "probe", "measures": ["base", "rooms"]},
            {"name": "other", "format": "csv", "path": "other.csv", "role": "probe"}]
-    data = resolve({"data": {"stream": "datasets", "root": str(tmp_path), "sources": src}})["data"]
+    data = resolve({"data": {"stream": "datasets", "root": str(tmp_path), "sources": src,
+                             "calibration_size": 0}})["data"]
     phases, mapping = layout(data)
     assert phases == ["base", "rooms_outdoor", "rooms_indoor"]
     assert mapping == {"rooms_test_indoor": (2,), "rooms_test_outdoor": (1,), "all_test": (0, 1, 2), "other": ()}

@@ -111,11 +111,15 @@ def test_sizes(size):
 
 
 def test_build_stream_structure():
-    st = build_stream("shapes", {"probe_size": 50, "shapes": {"domains": 5, "train_size": 64}},
+    st = build_stream("shapes", {"probe_size": 50, "calibration_size": 20, "shapes": {"domains": 5, "train_size": 64}},
                       image_size=32, preprocess=None, seed=0)
-    assert isinstance(st, Stream) and len(st.phases) == 5 and len(st.probes) == 10
-    # per domain in stream order its seen probe set, then its novel one; both measure phase d
-    seen, novel = st.probes[0::2], st.probes[1::2]
+    assert isinstance(st, Stream) and len(st.phases) == 5 and len(st.probes) == 15
+    # per domain in stream order its seen probe set, then its novel one; both measure phase d; then
+    # every domain's calibration set, measuring phase d too
+    seen, novel, calibration = st.probes[0:10:2], st.probes[1:10:2], st.probes[10:]
+    assert [p.name for p in calibration] == [f"{d.name}/calibration" for d in S.DOMAINS]
+    assert [p.kind for p in calibration] == ["calibration"] * 5 and [len(p.ids) for p in calibration] == [20] * 5
+    assert [p.phases for p in calibration] == [(d,) for d in range(5)] and st.info["calibration_size"] == 20
     assert [p.name for p in st.phases] == [p.name for p in seen] == [d.name for d in S.DOMAINS]
     assert [p.name for p in novel] == [f"{d.name}/novel" for d in S.DOMAINS]
     assert [p.kind for p in seen] == ["seen"] * 5 and [p.kind for p in novel] == ["novel"] * 5
@@ -150,7 +154,7 @@ def test_build_stream_structure():
     xb, cb, ib = st.phases[0].train.batch(range(16))
     assert torch.equal(xb, x) and cb == list(caps) and torch.equal(ib, ids)
     # probe_sets() gives the same probes as the stream
-    ps = S.probe_sets(seed=0, image_size=32, probe_size=50, domains=5)
+    ps = S.probe_sets(seed=0, image_size=32, probe_size=50, domains=5, calibration_size=20)
     assert [p.captions for p in ps] == [p.captions for p in st.probes]
     assert torch.equal(ps[2].images[7], st.probes[2].images[7])
 
@@ -158,6 +162,8 @@ def test_build_stream_structure():
 def test_build_stream_defaults_and_errors():
     st = build_stream("shapes", {"shapes": {"domains": 2, "train_size": 8}}, image_size=16, preprocess=None, seed=0)
     assert len(st.phases) == 2 and len(st.probes[0].ids) == 200
+    assert [(p.name, len(p.ids)) for p in st.probes[4:]] == [("d0_basic/calibration", 512),
+                                                             ("d1_neon/calibration", 512)]
     with pytest.raises(ValueError):
         build_stream("shapes", {"shapes": {"domains": 0}}, image_size=16, preprocess=None, seed=0)
     with pytest.raises(ValueError):
@@ -225,7 +231,8 @@ def test_held_out_is_a_function_of_seed_and_domain():
         assert len(rest["shape"]) == 864 - S.n_held_out(share)
         assert all(len(np.unique(v)) == n for v, n in zip(rest.values(), (4, 4, 2, 9, 3)))
     # novel_share 0: nothing held out, no novel probes, the data of VERSION 1
-    st = build_stream("shapes", {"probe_size": 20, "shapes": {"domains": 2, "train_size": 8, "novel_share": 0}},
+    st = build_stream("shapes", {"probe_size": 20, "calibration_size": 0,
+                                 "shapes": {"domains": 2, "train_size": 8, "novel_share": 0}},
                       image_size=16, preprocess=None, seed=0)
     assert [p.name for p in st.probes] == ["d0_basic", "d1_neon"] and len(S.held_out(0, 0, 0.0)) == 0
 
@@ -241,3 +248,40 @@ def test_preview_cli(tmp_path, capsys):
         assert S.DOMAINS[d].name in text
         for cap in S.render(d, "train", np.arange(3), 32, seed=1)[1]:
             assert cap in flat, cap
+
+
+def test_calibration_split_is_distinct_and_changes_nothing_else():
+    """The calibration split (split id 4) renders samples of the seen combinations that are none of the
+    probe's or the train split's, and adding it left every other split's samples as they were."""
+    for d in (0, 3):
+        cal, ccal = S.render(d, "calibration", np.arange(200), 16, seed=0)
+        pool = set(S.combination_pool(d, "calibration").tolist())
+        assert pool == set(S.combination_pool(d, "probe").tolist())  # drawn like the probe split
+        assert len(set(ccal)) == 200  # within a block of the pool no caption repeats, as in the probe
+        for split, n in (("probe", 200), ("train", 2000)):
+            other, _ = S.render(d, split, np.arange(n), 16, seed=0)
+            same = (cal.reshape(len(cal), 1, -1) == other.reshape(1, n, -1)).all(-1)
+            assert not same.any(), f"domain {d}: a calibration image equals a {split} image"
+    ids = np.concatenate([S.sample_ids(d, split, np.arange(1000)) for d in range(5) for split in S.SPLITS])
+    assert len(np.unique(ids)) == len(ids) and S.sample_ids(2, "calibration", [5])[0] == 2 * 10 ** 9 + 4 * 10 ** 8 + 5
+
+    # bit-identical to the samples rendered before the split existed (digests recorded with that code)
+    import hashlib
+    before = {("train", 0): "d2b2ccaa6fa43111", ("train", 4): "9bca1fd0ab8b3486", ("probe", 0): "42d7f6f7d8997961",
+              ("probe", 4): "7dab14465b5b164d", ("novel", 0): "cd76a419725453b5", ("novel", 4): "50208f75c69ecc3d",
+              ("reference", S.REFERENCE_ID): "8d922366de59ffee"}
+    for (split, d), digest in before.items():
+        imgs, caps = S.render(d, split, np.arange(40), 16, seed=7)
+        assert hashlib.sha1(imgs.tobytes() + "\n".join(caps).encode()).hexdigest()[:16] == digest, (split, d)
+    # and a stream with calibration sets holds the very phases and probe sets of one without
+    cfg = {"probe_size": 30, "shapes": {"domains": 2, "train_size": 16, "reference_size": 8, "reference_texts": 4}}
+    without = build_stream("shapes", {**cfg, "calibration_size": 0}, image_size=16, preprocess=None, seed=1)
+    with_cal = build_stream("shapes", {**cfg, "calibration_size": 10}, image_size=16, preprocess=None, seed=1)
+    assert [p.name for p in with_cal.probes] == [p.name for p in without.probes] + [
+        "d0_basic/calibration", "d1_neon/calibration"]
+    for a, b in zip(without.probes, with_cal.probes):
+        assert torch.equal(a.images.base.pixels, b.images.base.pixels) and a.captions == b.captions
+    for a, b in zip(without.phases, with_cal.phases):
+        assert torch.equal(a.train.pixels, b.train.pixels) and a.train.captions == b.train.captions
+    assert torch.equal(without.reference.pixels, with_cal.reference.pixels)
+    assert without.reference_texts == with_cal.reference_texts

@@ -30,8 +30,8 @@ from geomlab.kernels import ModxOptions, reference
 from geomlab.strategies import Features, get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["data.probe_size=8", "data.shapes.domains=3", "data.shapes.train_size=32", "train.batch_size=16",
-         "data.shapes.reference_size=40"]
+SMALL = ["data.probe_size=8", "data.calibration_size=8", "data.shapes.domains=3", "data.shapes.train_size=32",
+         "train.batch_size=16", "data.shapes.reference_size=40"]
 
 
 def train_steps(trainer, start_weights, strategy_name, steps=4, phase=1, strategy_dir="s", trained=None):
@@ -349,7 +349,8 @@ def test_datasets_stream_pools_reference_sources_held_out_from_train_and_probes(
 
     def stream(*refs):
         sources = [train_src, {**probe_src, "role": "probe"}, *({**r, "role": "reference"} for r in refs)]
-        data = resolve({"data": {"stream": "datasets", "root": str(tmp_path), "sources": sources}})["data"]
+        data = resolve({"data": {"stream": "datasets", "root": str(tmp_path), "sources": sources,
+                                 "calibration_size": 0}})["data"]
         return build_stream("datasets", data, image_size=32, preprocess=None, seed=0)
 
     s = stream(*references)
@@ -379,11 +380,11 @@ def test_joint_trains_on_the_union_of_the_phases_so_far(trainer):
 
 # --- end to end: resume, bad input ---------------------------------------------------------------
 
-RESUME = ["--strategies", "er,der,ewc,zscl", "data.probe_size=4", "data.shapes.domains=2", "data.shapes.train_size=32",
-          "train.batch_size=16", "train.base_steps=2", "train.steps=6", "train.checkpoint_every=2",
-          "train.log_every=2", "er.buffer_size=16", "der.buffer_size=16", "der.beta=0.5", "ewc.fisher_batches=2",
-          "data.shapes.reference_size=4", "data.shapes.reference_texts=16", "zscl.reference_batch_size=4",
-          "zscl.avg_freq=4"]
+RESUME = ["--strategies", "er,der,ewc,zscl", "data.probe_size=4", "data.calibration_size=4", "data.shapes.domains=2",
+          "data.shapes.train_size=32", "train.batch_size=16", "train.base_steps=2", "train.steps=6",
+          "train.checkpoint_every=2", "train.log_every=2", "er.buffer_size=16", "der.buffer_size=16", "der.beta=0.5",
+          "ewc.fisher_batches=2", "data.shapes.reference_size=4", "data.shapes.reference_texts=16",
+          "zscl.reference_batch_size=4", "zscl.avg_freq=4"]
 
 
 def run_cli(*args):

@@ -13,8 +13,8 @@ from geomlab import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--strategies", "finetune", "data.probe_size=16", "data.shapes.domains=2", "data.shapes.train_size=48",
-        "data.shapes.reference_size=0", "train.batch_size=8", "train.base_steps=4", "train.steps=4",
-        "train.checkpoint_every=2", "train.log_every=1"]
+        "data.shapes.reference_size=0", "data.calibration_size=8", "train.batch_size=8", "train.base_steps=4",
+        "train.steps=4", "train.checkpoint_every=2", "train.log_every=1"]
 
 
 def test_event_files_hold_the_metrics_of_every_strategy_and_seed(tmp_path):

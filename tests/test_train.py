@@ -20,7 +20,8 @@ from geomlab.traces import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.probe_size=24", "data.shapes.domains=3", "data.shapes.train_size=96", "train.batch_size=16",
-        "train.base_steps=6", "train.steps=4", "train.checkpoint_every=2", "train.log_every=2"]
+        "train.base_steps=6", "train.steps=4", "train.checkpoint_every=2", "train.log_every=2",
+        "data.calibration_size=8"]
 
 
 def run_cli(*args, timeout=300):
@@ -41,6 +42,8 @@ def snapshot(path: Path) -> dict:
     (["model.name=no-such-model"], "no-such-model"),
     (["--config", "/nonexistent/exp.toml"], "/nonexistent/exp.toml"),
     (["modx.reduction=median"], "modx.reduction"),
+    (["data.calibration_size=-1"], "config key 'data.calibration_size' must be >= 0, got -1"),
+    (["data.calibration_size=1.5"], "config key 'data.calibration_size' must be a int, got 1.5"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, names):
     out = tmp_path / "run"
@@ -75,8 +78,9 @@ def test_output_dir_of_a_different_run_is_refused_untouched(tmp_path):
     assert not (out / "base" / "state.pt").exists() and not (out / "finetune" / "state.pt").exists()
     info = json.loads((out / "run.json").read_text())
     assert info["completed"] == {"base": [0], "finetune": [1, 2]}
-    assert len(info["probes"]) == 6  # per domain a seen and a novel probe set
-    assert list(info["probe_kinds"].values()) == ["seen", "novel"] * 3
+    assert len(info["probes"]) == 9  # per domain a seen and a novel probe set, then the calibration sets
+    assert [info["probe_kinds"][p] for p in info["probes"]] == ["seen", "novel"] * 3 + ["calibration"] * 3
+    scored = info["probes"][:6]
     ckpts = sorted(p.name for p in (out / "finetune" / "checkpoints").iterdir())
     assert ckpts == ["phase1_step000002.pt", "phase1_step000004.pt", "phase2_step000002.pt", "phase2_step000004.pt"]
     trace = read_trace(out / "finetune" / "traces" / "phase2_step000004.safetensors")
@@ -85,7 +89,7 @@ def test_output_dir_of_a_different_run_is_refused_untouched(tmp_path):
     assert emb.image.shape[0] == 24 and torch.allclose(emb.image.float().norm(dim=1), torch.ones(24), atol=1e-2)
     evals = [json.loads(l) for l in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["kind"] == "eval"]
-    assert len(evals) == 4 and set(evals[-1]["retrieval"]) == set(info["probes"])
+    assert len(evals) == 4 and set(evals[-1]["retrieval"]) == set(scored)  # calibration sets: traced, not scored
     assert {"image_to_text_R@1", "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@1"} <= set(
         evals[-1]["retrieval"][info["probes"][0]])
 
@@ -110,7 +114,7 @@ def final_weights(out: Path, strategy: str, phases: int, steps: int) -> dict:
 def test_resume_after_sigkill_mid_phase_matches_uninterrupted(tmp_path):
     args = ["--strategies", "modx", "data.probe_size=16", "data.shapes.domains=3", "data.shapes.train_size=96",
             "train.batch_size=16", "train.base_steps=4", "train.steps=24", "train.checkpoint_every=4",
-            "train.log_every=1"]
+            "train.log_every=1", "data.calibration_size=8"]
     whole = tmp_path / "whole"
     assert run_cli("--out", str(whole), *args).returncode == 0
 
@@ -144,7 +148,7 @@ def test_torchrun_two_ranks_follows_the_single_process_run(tmp_path):
     after the 16 phase rows: one rank holds phase rows only, the other reference rows only)."""
     args = ["--strategies", "modx,zscl", "data.probe_size=16", "data.shapes.domains=2", "data.shapes.train_size=64",
             "train.batch_size=16", "train.base_steps=4", "train.steps=4", "train.checkpoint_every=0",
-            "data.shapes.reference_size=32", "data.shapes.reference_texts=64"]
+            "data.shapes.reference_size=32", "data.shapes.reference_texts=64", "data.calibration_size=8"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_cli("--out", str(one), *args).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -186,3 +190,37 @@ def test_metrics_logged_after_the_resume_point_are_dropped(tmp_path):
     run.truncate_metrics("modx", 1, 2)
     kept = [json.loads(l) for l in metrics.read_text().splitlines()]
     assert [(r["phase"], r["step"]) for r in kept] == [(1, 1), (1, 2)]
+
+
+def test_calibration_sets_are_traced_never_scored(tmp_path, capsys):
+    """Calibration sets are in every trace (the pairs realignment maps are fitted on) and in run.json's
+    probe_kinds, and in no score: metrics.jsonl, the console summary, the accuracy matrix, analysis.json's
+    domains and headline, the report."""
+    from geomlab.analyze import main as analyze_main
+    out = tmp_path / "run"
+    assert train.main(["--out", str(out), "--strategies", "finetune", "data.probe_size=16", "data.shapes.domains=2",
+                       "data.shapes.train_size=32", "data.calibration_size=12", "train.batch_size=16",
+                       "train.base_steps=2", "train.steps=2", "train.log_every=2"]) == 0
+    summary = capsys.readouterr().out
+    info = json.loads((out / "run.json").read_text())
+    calibration = ["d0_basic/calibration", "d1_neon/calibration"]
+    assert [p for p, k in info["probe_kinds"].items() if k == "calibration"] == calibration
+    assert [info["probe_phases"][p] for p in calibration] == [[0], [1]]
+    for trace_path in sorted(out.rglob("*.safetensors")):
+        trace = read_trace(trace_path)
+        assert list(trace.domains) == info["probes"]
+        for name in calibration:
+            emb = trace.domains[name]
+            assert emb.image.shape[0] == emb.text.shape[0] == 12 and emb.ids[0].item() % 10 ** 9 == 4 * 10 ** 8
+    rows = [json.loads(line) for d in ("base", "finetune")
+            for line in (out / d / "metrics.jsonl").read_text().splitlines()]
+    assert all(not set(r["retrieval"]) & set(calibration) for r in rows if r["kind"] == "eval")
+    assert "/calibration" not in summary
+    assert analyze_main([str(out), "-q"]) == 0
+    a = json.loads((out / "analysis" / "analysis.json").read_text())
+    assert a["domains"] == ["d0_basic", "d0_basic/novel", "d1_neon", "d1_neon/novel"]
+    acc = a["strategies"]["finetune"]["accuracy"]
+    assert acc["domains"] == a["domains"] and all(len(row) == 4 for row in acc["matrix"])
+    assert len(acc["forgetting"]) == 4 and acc["novel"]["probes"] == ["d0_basic/novel", "d1_neon/novel"]
+    assert not set(a["sphere"]["samples"]) & set(calibration)
+    assert "/calibration" not in (out / "analysis" / "report.html").read_text()

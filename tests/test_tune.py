@@ -25,6 +25,7 @@ name = "geomlab-tiny"
 [data]
 stream = "shapes"
 probe_size = 16
+calibration_size = 8
 [data.shapes]
 domains = 2
 train_size = 64

@@ -44,7 +44,7 @@ def by_hand(model, tokenizer, image_features, classes, templates, labels) -> flo
 
 @pytest.fixture(scope="module")
 def shapes_stream():
-    return build_stream("shapes", {"probe_size": 40, "shapes": {"domains": 2, "train_size": 4}},
+    return build_stream("shapes", {"probe_size": 40, "calibration_size": 8, "shapes": {"domains": 2, "train_size": 4}},
                         image_size=32, preprocess=None, seed=0)
 
 
@@ -119,6 +119,7 @@ def experiment(root: Path, zeroshot: dict) -> Path:
                {"name": "pics_test", "format": "csv", "path": "probe.csv", "role": "probe", "measures": ["pics"]},
                {"name": "folder", "role": "zeroshot", "format": "imagefolder", "path": "folder", **zeroshot}]
     lines = ['[run]', 'strategies = ["finetune"]', '[data]', 'stream = "datasets"', f'root = "{root}"',
+             'calibration_size = 0',  # tiny probe sources: no room for a calibration set
              '[train]', 'batch_size = 4', 'base_steps = 2', 'steps = 2', 'checkpoint_every = 1', 'log_every = 1']
     for s in sources:
         lines += ["[[data.sources]]", *[f"{k} = {json.dumps(v)}" for k, v in s.items()]]

@@ -18,8 +18,9 @@ from geomlab.kernels import reference
 from geomlab.strategies import Features
 from geomlab.strategies.zscl import distillation
 
-SMALL = ["data.probe_size=8", "data.shapes.domains=3", "data.shapes.train_size=32", "train.batch_size=16",
-         "data.shapes.reference_size=40", "data.shapes.reference_texts=64", "zscl.reference_batch_size=8"]
+SMALL = ["data.probe_size=8", "data.calibration_size=8", "data.shapes.domains=3", "data.shapes.train_size=32",
+         "train.batch_size=16", "data.shapes.reference_size=40", "data.shapes.reference_texts=64",
+         "zscl.reference_batch_size=8"]
 
 
 def unit(n, d, seed):
@@ -174,7 +175,8 @@ def test_real_reference_sharing_a_caption_or_an_image_with_a_probe_is_refused(tm
 
     def stream(ref):
         sources = [train_src, {**probe_src, "role": "probe"}, {**ref, "role": "reference"}]
-        data = resolve({"data": {"stream": "datasets", "root": str(tmp_path), "sources": sources}})["data"]
+        data = resolve({"data": {"stream": "datasets", "root": str(tmp_path), "sources": sources,
+                                 "calibration_size": 0}})["data"]
         return build_stream("datasets", data, image_size=32, preprocess=None, seed=0)
 
     good = stream(write_csv(tmp_path, "ref.csv", [5, 6, 7], "a reference picture {}"))

@@ -3,8 +3,12 @@
 A `Stream` is an ordered list of training phases plus the probe sets (held-out, disjoint from
 training) that every checkpoint is measured on. Phase 0 trains the base model shared by all
 strategies (or, with a pretrained base, holds no data: with_pretrained_base). Probe sets are in stream order and each records the phases that train on its data
-(for ShapeWorld probe d is domain d's test split, learned at phase d). Zero-shot sets, when the
-stream has any, are classified at every checkpoint as well.
+(for ShapeWorld probe d is domain d's test split, learned at phase d). Each seen probe set may have a
+calibration set beside it (`calibration_name`, kind CALIBRATION_KIND): pairs of the same data disjoint
+from the probe and from training, embedded into every trace like a probe so that realignment maps
+can be fitted on them and scored on the probe (docs/definitions.md, "Calibration split"); nothing
+scores or reports a calibration set itself. Zero-shot sets, when the stream has any, are classified
+at every checkpoint as well.
 """
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset
+
+# the probe-set kinds and the calibration split's names: in a torch-free module, for geomlab.config
+from geomlab.probe_kinds import (CALIBRATION_KIND, CALIBRATION_SIZE, CALIBRATION_SUFFIX, NOVEL_KIND,  # noqa: F401
+                                 SCORED_KINDS, SEEN_KIND, calibration_name, probe_kind)
 
 
 class DataError(ValueError):
@@ -49,9 +57,8 @@ class ProbeSet:
     # The phases that train on the data this probe set measures (its source's phases); it is learned
     # at the last of them. () = no phase trains on it (docs/definitions.md, "Accuracy matrix").
     phases: tuple[int, ...] = ()
-    # "seen": its captions (ShapeWorld: attribute combinations) also occur in training; "novel": held
-    # out of every train split (docs/definitions.md, "Held-out combinations"). Recorded in run.json.
-    kind: str = "seen"
+    # SEEN_KIND, NOVEL_KIND or CALIBRATION_KIND (above). Recorded in run.json's probe_kinds.
+    kind: str = SEEN_KIND
 
     @property
     def one_caption_per_image(self) -> bool:

@@ -6,6 +6,7 @@ Config (geomlab.config SCHEMA, experiments/README.md):
     stream = "datasets"
     root = "/data"                  # relative source paths resolve against it
     probe_size = 0                  # probe images per probe set: the first N (0 = all)
+    calibration_size = 512          # calibration pairs per probe set: the last N of its part (0 = none)
     probe_cache_mb = 2048           # probe images, decoded once up front, kept in memory up to this
     on_bad_sample = "error"         # or "skip"
     [data.datasets]
@@ -24,9 +25,15 @@ with k = 5 is the paper's Flickr30K five-phase setting, two sources with k = 1 a
 Probe sources (role = "probe") give one probe set each (or one per key value), every caption kept.
 A probe source's `measures` names the train source(s) whose data it measures: its probe sets are
 learned at the last phase of those sources (a probe split by the same key as its train source: at
-the phase of its own key value); without `measures` no phase trains on it. `layout` gives phases
-and probe sets from the config alone. Zero-shot sources (role = "zeroshot", format = "imagefolder":
-one sub-folder per class) are classified at every checkpoint (geomlab.zeroshot).
+the phase of its own key value); without `measures` no phase trains on it. Each probe part's last
+`calibration_size` records are its calibration set ("<part>/calibration", kind "calibration",
+docs/definitions.md "Calibration split"), held out of the probe: the probe takes the first
+`probe_size` of the records before them (all of them with probe_size = 0), and a part with too few
+records for both is refused, naming the numbers. Calibration images are decoded and checked like
+probe images and held out of training and of the reference set like them; the calibration sets
+follow every probe set in the stream. `layout` gives phases and probe sets from the config alone.
+Zero-shot sources (role = "zeroshot", format = "imagefolder": one sub-folder per class) are
+classified at every checkpoint (geomlab.zeroshot).
 Reference sources (role = "reference") pool into the stream's reference set, pairs held out from
 every train and probe source (ZSCL distils on it): an image shared with a train or probe source, or a
 caption shared with a probe set, is refused. Their distinct captions, in source order, are the
@@ -44,7 +51,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset
 
-from . import DataError, Phase, ProbeSet, Stream, register_stream
+from . import (CALIBRATION_KIND, CALIBRATION_SIZE, SEEN_KIND, DataError, Phase, ProbeSet, Stream,
+               calibration_name, register_stream)
 from ..runtime import cpu_workers
 from .imagefolder import imagefolder_set
 from .readers import (SOURCE_STRIDE, Bad, PairDataset, load_probe_images, probe_parts, read_coco, read_csv,
@@ -118,6 +126,22 @@ def split_records(records: list, src: dict, seed: int, source_index: int) -> tup
     return parts, info
 
 
+def split_calibration(records: list, probe_size: int, calibration_size: int, where: str) -> tuple[list, list]:
+    """(probe records, calibration records) of one probe part: the calibration set is the part's last
+    `calibration_size` records, the probe the first `probe_size` of those before them (0: all of them).
+    Refuses (naming `where` and the numbers) a part too small for both."""
+    if not calibration_size:
+        return (records[:probe_size] if probe_size > 0 else records), []
+    needed = calibration_size + max(probe_size, 1)
+    if len(records) < needed:
+        wanted = f"the probe's {probe_size}" if probe_size > 0 else "at least 1 for the probe"
+        raise DataError(f"{where}: {len(records)} records, too few for data.calibration_size = {calibration_size} "
+                        f"calibration pairs (its last records) and {wanted} before them (needs {needed}); "
+                        "lower data.calibration_size (0 = no calibration set) or data.probe_size")
+    rest = records[:-calibration_size]
+    return (rest[:probe_size] if probe_size > 0 else rest), records[-calibration_size:]
+
+
 def part_names(src: dict, values=None) -> list[tuple[str | None, str]]:
     """(key value or None, name) of each part a train or probe source splits into, in order: its
     phases or probe sets. `values`: the key's values (default: the source's key_values)."""
@@ -188,6 +212,7 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
     captions = opts.get("train_captions", "all")
     augment, verify = bool(opts.get("augment", False)), bool(opts.get("verify_images", False))
     probe_size = int(data.get("probe_size", 0))
+    calibration_size = int(data.get("calibration_size", CALIBRATION_SIZE))
     cache_left = int(data.get("probe_cache_mb", 0)) * 2 ** 20  # decoded probe images kept in memory (bytes)
     threads = cpu_workers(max(2, int(data.get("num_workers", 0))))  # up-front decoding
     root = Path(data.get("root", "") or ".").expanduser()
@@ -205,7 +230,7 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
                             f"and only with it, got format {src['format']!r} and role {src['role']!r}")
     tf = resolve_transforms(preprocess, image_size)
     bad = Bad(policy)
-    phases, probes, zeroshot, info_sources, references = [], [], [], [], []
+    phases, probes, calibrations, zeroshot, info_sources, references = [], [], [], [], [], []
     train_images, probe_images, reference_images, parts_of = {}, {}, {}, {}
     probe_captions, reference_captions = {}, {}  # caption -> the (first) source holding it
     for si, src in enumerate(sources):
@@ -243,22 +268,34 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
                 parts, how = [(_safe(src["name"]), records)], {"split": "none"}
             parts_of[src["name"]] = part_names(src, how.get("values"))
             for pname, recs in parts:
-                # decoded once now, within probe_size: a bad probe image stops the run before training
-                images = load_probe_images(recs[:probe_size] if probe_size > 0 else recs, tf["val"],
-                                           source=src["name"], bad=bad, threads=threads, budget_bytes=cache_left)
-                cache_left -= images.pixels.numel() if images.in_memory else 0
-                recs = images.records
-                caps, owner, ids = probe_parts(recs)
-                probes.append(ProbeSet(name=pname, images=images, captions=caps, caption_image=owner, ids=ids))
-                probe_images.update({os.path.normpath(r.where()): src["name"] for r in recs})
-                for caption in caps:
-                    probe_captions.setdefault(caption, src["name"])
+                probe_recs, calibration_recs = split_calibration(
+                    recs, probe_size, calibration_size, f"data.sources[{src['name']!r}], probe set {pname!r}")
+                for name, these, out, kind in ((pname, probe_recs, probes, SEEN_KIND),
+                                               (calibration_name(pname), calibration_recs, calibrations,
+                                                CALIBRATION_KIND)):
+                    if not these:
+                        continue
+                    # decoded once now, only those used: a bad probe image stops the run before training
+                    images = load_probe_images(these, tf["val"], source=src["name"], bad=bad, threads=threads,
+                                               budget_bytes=cache_left)
+                    cache_left -= images.pixels.numel() if images.in_memory else 0
+                    caps, owner, ids = probe_parts(images.records)
+                    out.append(ProbeSet(name=name, images=images, captions=caps, caption_image=owner, ids=ids,
+                                        kind=kind))
+                    # calibration pairs are held out of training and of the reference set like the probe's
+                    probe_images.update({os.path.normpath(r.where()): src["name"] for r in images.records})
+                    for caption in caps:
+                        probe_captions.setdefault(caption, src["name"])
         info_sources.append({"name": src["name"], "format": src["format"], "role": src["role"],
                              "path": str(_path(root, src["path"])) if src["format"] != "wds" else src["path"],
                              "images": len(records), "captions": sum(len(r.captions) for r in records), **how})
     measured = probe_phases(sources, parts_of)
     for p in probes:
         p.phases = measured[p.name]
+    phases_of = {calibration_name(p.name): p.phases for p in probes}
+    for c in calibrations:  # a calibration set holds its probe set's data: the same phases train on it
+        c.phases = phases_of[c.name]
+    probes += calibrations  # after every probe set: the probe sets keep their places
     overlap = sorted(set(train_images) & set(probe_images))
     if overlap:
         raise DataError(f"{overlap[0]}: image is in both train source {train_images[overlap[0]]!r} and probe "
@@ -279,10 +316,10 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
               file=sys.stderr)
     info = {"stream": "datasets", "version": VERSION, "seed": seed, "image_size": int(image_size),
             "train_captions": captions, "augment": augment, "verified_images": verify or policy == "skip",
-            "probe_size": probe_size, "sources": info_sources,
+            "probe_size": probe_size, "calibration_size": calibration_size, "sources": info_sources,
             "phases": [{"name": p.name, "images": p.train.n_images, "pairs": len(p.train)} for p in phases],
             "probe_sets": [{"name": p.name, "images": len(p.ids), "captions": len(p.captions),
-                            "phases": list(p.phases)} for p in probes],
+                            "phases": list(p.phases), "kind": p.kind} for p in probes],
             "zeroshot_sets": [{"name": z.name, "images": len(z.labels), "classes": len(z.classes)} for z in zeroshot],
             "skipped": len(bad.skipped)}
     return Stream(phases=phases, probes=probes, info=info, skipped=bad.skipped, zeroshot=zeroshot,

@@ -15,6 +15,13 @@ draws only from the held-out ones, so its captions never occur in training. The 
 probe set "d0_basic" (ProbeSet.kind "seen") and "d0_basic/novel" (kind "novel"), each learned at
 phase d. novel_share = 0 holds nothing out and renders VERSION 1's data.
 
+Calibration split: each domain's calibration split ("d0_basic/calibration", kind "calibration",
+`data.calibration_size` samples, default 512; 0 = none) is rendered like the probe split and draws
+from the same seen combinations, under its own split id, so its samples are distinct from the probe
+and train samples as those are from each other. It holds the pairs a realignment map is fitted on
+(docs/definitions.md, "Calibration split"); the calibration sets follow every probe set in the stream.
+Adding it changed no other sample (every sample is a function of its own split id).
+
 The stream's reference set (ZSCL's distillation data) is the reference domain (REFERENCE_DOMAIN), rendered
 apart from the five: each sample's shape, colour and background come from three different domains
 and its caption has a template of its own, so no phase trains on it and no probe measures it; ids
@@ -34,7 +41,7 @@ Rendering is vectorised numpy: signed-distance functions evaluated on whole batc
 grids, with analytic anti-aliasing (coverage = clamp(0.5 - distance_in_pixels)).
 
 Sample id = domain * 10**9 + split * 10**8 + index (split 0 = train, 1 = probe, 2 = reference,
-3 = novel).
+3 = novel, 4 = calibration).
 
 ``python -m geomlab.data.shapes --preview FILE.html`` writes a grid of samples per domain.
 """
@@ -51,10 +58,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import Phase, ProbeSet, Stream, ZeroShotSet, register_stream
+from . import (CALIBRATION_KIND, CALIBRATION_SIZE, NOVEL_KIND, SEEN_KIND, Phase, ProbeSet, Stream, ZeroShotSet,
+               calibration_name, register_stream)
 
-TRAIN, PROBE, REFERENCE, NOVEL = 0, 1, 2, 3
-SPLITS = {"train": TRAIN, "probe": PROBE, "reference": REFERENCE, "novel": NOVEL}
+TRAIN, PROBE, REFERENCE, NOVEL, CALIBRATION = 0, 1, 2, 3, 4
+SPLITS = {"train": TRAIN, "probe": PROBE, "reference": REFERENCE, "novel": NOVEL, "calibration": CALIBRATION}
 NOVEL_SHARE = 0.25              # share of each domain's attribute combinations held out of training
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
@@ -444,7 +452,7 @@ def held_out(domain: int, seed: int = 0, share: float = NOVEL_SHARE) -> np.ndarr
 
 def combination_pool(domain: int, split, seed: int = 0, share: float = NOVEL_SHARE) -> np.ndarray:
     """The combinations `split` draws from: the held-out ones for the novel split, the rest (seen)
-    for train, probe and reference."""
+    for train, probe, calibration and reference."""
     held = held_out(domain, seed, share)
     if _split_id(split) == NOVEL:
         return held
@@ -458,7 +466,8 @@ def _split_id(split) -> int:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
         return SPLITS[split]
     if split not in SPLITS.values():
-        raise ValueError(f"split must be 0 (train), 1 (probe), 2 (reference) or 3 (novel), got {split!r}")
+        raise ValueError("split must be one of " + ", ".join(f"{i} ({n})" for n, i in SPLITS.items())
+                         + f", got {split!r}")
     return int(split)
 
 
@@ -607,8 +616,8 @@ def render(domain: int, split, indices, image_size: int = 32, seed: int = 0,
            novel_share: float = NOVEL_SHARE) -> tuple[np.ndarray, list[str]]:
     """Render samples `indices` of (domain, split): (uint8 [n, H, W, 3], captions).
 
-    split: a name of SPLITS ("train", "probe", "reference", "novel") or its id. Pure function of
-    (seed, domain, split, index) per sample, for a given novel_share.
+    split: a name of SPLITS ("train", "probe", "reference", "novel", "calibration") or its id. Pure
+    function of (seed, domain, split, index) per sample, for a given novel_share.
     """
     image_size = int(image_size)
     if image_size < 8:
@@ -689,12 +698,15 @@ class ShapesImages(Dataset):
 
 
 def _probe_from(ds: ShapesDataset) -> ProbeSet:
-    """Domain d's probe split ("d0_basic", kind "seen") or novel split ("d0_basic/novel", kind
-    "novel"): either measures the data of phase d, which trains on domain d."""
-    novel = ds.split == NOVEL
-    return ProbeSet(name=DOMAINS[ds.domain].name + ("/novel" if novel else ""), images=ds.images_only(),
-                    captions=list(ds.captions), caption_image=torch.arange(len(ds), dtype=torch.int64),
-                    ids=ds.ids.clone(), phases=(ds.domain,), kind="novel" if novel else "seen")
+    """Domain d's probe split ("d0_basic", kind "seen"), novel split ("d0_basic/novel", kind "novel")
+    or calibration split ("d0_basic/calibration", kind "calibration"): each holds the data of phase d,
+    which trains on domain d."""
+    name = DOMAINS[ds.domain].name
+    name, kind = {PROBE: (name, SEEN_KIND), NOVEL: (name + "/novel", NOVEL_KIND),
+                  CALIBRATION: (calibration_name(name), CALIBRATION_KIND)}[ds.split]
+    return ProbeSet(name=name, images=ds.images_only(), captions=list(ds.captions),
+                    caption_image=torch.arange(len(ds), dtype=torch.int64), ids=ds.ids.clone(),
+                    phases=(ds.domain,), kind=kind)
 
 
 def _zeroshot_from(ds: ShapesDataset) -> list[ZeroShotSet]:
@@ -733,8 +745,11 @@ def _check_probe_size(probe_size: int, novel_share: float) -> int:
     return probe_size
 
 
-def _probe_sets(seed: int, image_size: int, probe_size: int, domains: int, novel_share: float):
-    """(probe sets in stream order: d0_basic, d0_basic/novel, d1_neon, ...; the seen probe datasets)."""
+def _probe_sets(seed: int, image_size: int, probe_size: int, domains: int, novel_share: float,
+                calibration_size: int):
+    """(probe sets in stream order: d0_basic, d0_basic/novel, d1_neon, ..., then the calibration sets
+    d0_basic/calibration, d1_neon/calibration, ...; the seen probe datasets). The calibration sets
+    come last so that the probe sets keep their places whatever calibration_size is."""
     probes, seen = [], []
     for d in range(domains):
         ds = ShapesDataset(d, PROBE, probe_size, image_size, seed, novel_share)
@@ -742,20 +757,26 @@ def _probe_sets(seed: int, image_size: int, probe_size: int, domains: int, novel
         probes.append(_probe_from(ds))
         if n_held_out(novel_share, DOMAINS[d].n_combinations):
             probes.append(_probe_from(ShapesDataset(d, NOVEL, probe_size, image_size, seed, novel_share)))
+    if calibration_size:
+        probes += [_probe_from(ShapesDataset(d, CALIBRATION, calibration_size, image_size, seed, novel_share))
+                   for d in range(domains)]
     return probes, seen
 
 
 def probe_sets(seed: int = 0, image_size: int = 32, probe_size: int = 200, domains: int = 5,
-               novel_share: float = NOVEL_SHARE) -> list[ProbeSet]:
-    """Every domain's probe split and novel split, in stream order (analyser's `--probe shapes`)."""
+               novel_share: float = NOVEL_SHARE, calibration_size: int = CALIBRATION_SIZE) -> list[ProbeSet]:
+    """Every domain's probe split and novel split, then every domain's calibration split, in stream
+    order (analyser's `--probe shapes`: the defaults are the default config's)."""
     domains = _check_domains(domains)
     probe_size = _check_probe_size(_check_size("probe_size", probe_size), _check_share(novel_share))
-    return _probe_sets(seed, image_size, probe_size, domains, novel_share)[0]
+    calibration_size = _check_size("calibration_size", calibration_size, lo=0)
+    return _probe_sets(seed, image_size, probe_size, domains, novel_share, calibration_size)[0]
 
 
 @register_stream("shapes")
 def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Stream:
-    """[data] keys: probe_size (200); [data.shapes]: domains (5), train_size (4000 per domain),
+    """[data] keys: probe_size (200), calibration_size (CALIBRATION_SIZE pairs per domain, 0 = no
+    calibration sets); [data.shapes]: domains (5), train_size (4000 per domain),
     reference_size (1000 pairs of the reference domain; 0 = no reference set), reference_texts (2000
     captions of the next reference samples: the text pool, unpaired with the images), novel_share
     (0.25 of each domain's combinations held out of training for the novel probes; 0 = none), seed
@@ -774,13 +795,15 @@ def build(data: dict, *, image_size: int, preprocess=None, seed: int = 0) -> Str
     dseed = int(opts.get("seed", seed))
     phases = [Phase(name=DOMAINS[d].name, train=ShapesDataset(d, TRAIN, train_size, image_size, dseed, novel_share))
               for d in range(domains)]
-    probes, seen = _probe_sets(dseed, image_size, probe_size, domains, novel_share)
+    calibration_size = _check_size("data.calibration_size", data.get("calibration_size", CALIBRATION_SIZE), lo=0)
+    probes, seen = _probe_sets(dseed, image_size, probe_size, domains, novel_share, calibration_size)
     zeroshot = [z for ds in seen for z in _zeroshot_from(ds)]  # on the seen probes only
     reference_size = _check_size("data.shapes.reference_size", opts.get("reference_size", 1000), lo=0)
     reference = ShapesDataset(REFERENCE_ID, REFERENCE, reference_size, image_size, dseed) if reference_size else None
     n_texts = _check_size("data.shapes.reference_texts", opts.get("reference_texts", 2000), lo=0)
     info = {"stream": "shapes", "version": VERSION, "domains": [DOMAINS[d].name for d in range(domains)],
-            "train_size": train_size, "probe_size": probe_size, "reference_size": reference_size,
+            "train_size": train_size, "probe_size": probe_size, "calibration_size": calibration_size,
+            "reference_size": reference_size,
             "reference_texts": n_texts, "novel_share": novel_share,
             "held_out": n_held_out(novel_share, DOMAINS[0].n_combinations),
             "image_size": int(image_size), "seed": dseed}

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from geomlab.config import dumps, resolve
 from geomlab.io import atomic_torch_save, atomic_write_json
+from geomlab.probe_kinds import CALIBRATION_KIND, SEEN_KIND, calibration_name
 from geomlab.rundir import RunDir, checkpoint_stem
 from geomlab.traces import DomainEmbeddings, Trace, write_trace
 
@@ -48,7 +49,7 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
     base = {}
     sizes = {}
     for name in names:
-        for split, size in ((name, n), (f"{name}/calibration", calibration)):
+        for split, size in ((name, n), (calibration_name(name), calibration)):
             if not size:
                 continue
             img = F.normalize(torch.randn(size, d, generator=gen, dtype=torch.float64), dim=1)
@@ -57,6 +58,7 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
             base[split] = (img, txt, torch.arange(size, dtype=torch.int64) + 10_000 * len(base))
             sizes[split] = size
     names_all = list(base)
+    calibration_names = {calibration_name(name) for name in names}
 
     def caption_rows(size):
         return torch.arange(size).repeat_interleave(captions_per_image) if captions_per_image > 1 else None
@@ -99,7 +101,8 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
             for c in range(1, count + 1):
                 new = {}
                 for k, (img, txt, ids) in state.items():
-                    di = names.index(k.split("/")[0])  # a calibration split moves like its probe set
+                    di = next(i for i, name in enumerate(names) if k in (name, calibration_name(name)))
+                    # (a calibration split moves like its probe set)
                     ri = small_rotation(d, 0.08 * scale, gen)
                     rt = small_rotation(d, 0.05 * scale, gen)
                     noise = (0.12 if di == 0 else 0.03) * scale
@@ -113,8 +116,9 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
         completed[strategy] = list(range(1, phases + 1))
     info = {"strategies": list(strategies), "phases": names, "probes": names_all, "completed": completed, "seed": seed,
             "device": "cpu", "model": "geomlab-tiny", "versions": {},
-            "probe_phases": {name: [names.index(name.split("/")[0])] for name in names_all},
-            "probe_kinds": {name: "calibration" if "/" in name else "seen" for name in names_all}}
+            "probe_phases": {name: [next(i for i, m in enumerate(names) if name in (m, calibration_name(m)))]
+                             for name in names_all},
+            "probe_kinds": {name: CALIBRATION_KIND if name in calibration_names else SEEN_KIND for name in names_all}}
     atomic_write_json(run.run_json_path, info)
     return run.root
 
