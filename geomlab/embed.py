@@ -24,6 +24,7 @@ class EmbedError(ValueError):
 
 
 @torch.no_grad()
+@torch.no_grad()  # evaluation: no autograd graph to hold (the model may be mid-training)
 def embed_probe(model, tokenizer, probe: ProbeSet, device, batch_size: int = 256,
                 num_workers: int = 0) -> DomainEmbeddings:
     """L2-normalised image and text features of one probe set. Images that are not held decoded
