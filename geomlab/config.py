@@ -119,6 +119,12 @@ SCHEMA: dict = {
                                      # pretrained: no base phase, the model.pretrained weights are phase 0
                                      # (row 0 of the accuracy matrix) and the stream's phases are 1..N
         "checkpoint_every": 0,       # steps between checkpoints inside a phase (0 = phase end only)
+        "trace_every": 0,            # steps between fine traces inside every phase (0 = none): embeddings
+                                     # only, of each seen probe set's and calibration set's first trace_size
+                                     # images and their captions
+        "trace_size": 24,            # images per seen or calibration set in a fine trace (docs/definitions.md,
+                                     # "Traces"): ten sets of 24 keep trace_every = 10 near 10% of the demo's
+                                     # training time (python -m geomlab.bench train, 2-core CPU)
         "log_every": 10,
         "allow_repeats": False,      # true: allow a batch larger than a phase (its pairs then repeat within
                                      # a batch, copies being each other's negatives); refused otherwise
@@ -213,6 +219,7 @@ RANGES = {
     ("der", "buffer_size"): AT_LEAST_ONE, ("der", "replay_fraction"): Range(0, 1, strict_hi=True),
     ("der", "alpha"): NON_NEGATIVE, ("der", "beta"): NON_NEGATIVE, ("der", "anchor_size"): AT_LEAST_ONE,
     ("wise", "alpha"): Range(0, 1),
+    ("train", "trace_every"): NON_NEGATIVE, ("train", "trace_size"): AT_LEAST_ONE,
     ("zscl", "weight"): NON_NEGATIVE, ("zscl", "temperature"): POSITIVE,
     ("zscl", "avg_freq"): AT_LEAST_ONE, ("zscl", "reference_batch_size"): AT_LEAST_ONE,
 }

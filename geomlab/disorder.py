@@ -15,14 +15,14 @@ forecast test (`forecast_errors`, leave one seed out), which needs two seeds at 
 """
 from __future__ import annotations
 
-from geomlab.geometry import disorder_scalars, forecast_errors, lead_lag, realigned_r1, realignment, retrieval_metrics
+from geomlab.geometry import DISORDER_SCALARS, disorder_scalars, forecast_errors, lead_lag, realigned_r1, realignment, retrieval_metrics
 from geomlab.geometry.forgetting import _r1
 from geomlab.geometry.inference import mean_ci
 from geomlab.geometry.realign import REALIGNMENTS
 from geomlab.probe_kinds import SEEN_KIND, calibration_name
 from geomlab.traces import read_trace
 
-MEASURES = ("rotation_image", "rotation_text", "desync", "alignment_drift")
+MEASURES = DISORDER_SCALARS
 ORTHOGONAL = ("cross_orthogonal", "modality_orthogonal")
 PARTS = ("rotation", "linear_only", "not_recovered")
 MAX_LAG = 5            # traces either way (at train.trace_every = 10: 50 steps)

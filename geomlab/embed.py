@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 from geomlab.config import load_config
@@ -47,6 +47,30 @@ def embed_probe(model, tokenizer, probe: ProbeSet, device, batch_size: int = 256
     return DomainEmbeddings(
         image=torch.cat(images), text=torch.cat(texts), ids=probe.ids.clone(),
         caption_image=None if probe.one_caption_per_image else probe.caption_image.clone())
+
+
+@torch.no_grad()
+def embed_probes_together(model, tokenizer, probes: list[ProbeSet], device, batch_size: int = 256,
+                          num_workers: int = 0) -> dict[str, DomainEmbeddings]:
+    """embed_probe of each of `probes` (name -> embeddings), their images and their captions run
+    through the model in shared batches: for small probe sets (a fine trace's) one forward per
+    probe set would cost more in per-call overhead than in arithmetic."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(ConcatDataset([p.images for p in probes]), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    images = torch.cat([F.normalize(model.encode_image(batch.to(device)).float(), dim=-1).cpu() for batch in loader])
+    captions = [c for p in probes for c in p.captions]
+    texts = torch.cat([F.normalize(model.encode_text(tokenizer(captions[i:i + batch_size]).to(device)).float(),
+                                   dim=-1).cpu() for i in range(0, len(captions), batch_size)])
+    model.train(was_training)
+    out = {}
+    image_rows = torch.split(images, [len(p.ids) for p in probes])
+    text_rows = torch.split(texts, [len(p.captions) for p in probes])
+    for p, image, text in zip(probes, image_rows, text_rows):
+        out[p.name] = DomainEmbeddings(image=image, text=text, ids=p.ids.clone(),
+                                       caption_image=None if p.one_caption_per_image else p.caption_image.clone())
+    return out
 
 
 # ----------------------------------------------------------------------------- probe data

@@ -7,6 +7,8 @@ analyser that reads it (docs/definitions.md, "Run directory").
       base/ finetune/ ...            one directory per strategy (its `strategy_dir`; "base" is phase 0)
         checkpoints/phaseP_stepSSSSSS.pt
         traces/phaseP_stepSSSSSS.safetensors
+        fine_traces/phaseP_stepSSSSSS.safetensors   with train.trace_every: embeddings of the probe
+                                     sets' first images only, not checkpoints (RunDir.fine_traces)
         metrics.jsonl  state.pt
         strategy_state/phaseP.safetensors   a strategy's cross-phase state at the start of phase P
       tensorboard/STRATEGY_DIR/seedS/  event files, with `--report-to tensorboard`
@@ -45,6 +47,7 @@ from geomlab.io import (WriteError, append_jsonl, atomic_write, atomic_write_jso
                         load_checkpoint, read_jsonl)
 
 CHECKPOINTS, TRACES = "checkpoints", "traces"
+FINE_TRACES = "fine_traces"  # never read as checkpoints: no weights stand behind them
 ANALYSIS = "analysis"  # the analyser's default output directory inside CKPT_DIR
 _STEM = re.compile(r"^phase(\d+)_step(\d+)$")
 
@@ -356,16 +359,8 @@ class RunDir:
         return self.root / strategy_dir / TRACES / f"{checkpoint_stem(phase, step)}.safetensors"
 
     def fine_trace_path(self, strategy_dir: str, phase: int, step: int) -> Path:
-        return self.root / strategy_dir / "fine_traces" / f"{checkpoint_stem(phase, step)}.safetensors"
-
-    def fine_traces(self, strategy_dir: str) -> list[tuple[int, int, Path]]:
-        """(phase, step, path) of a strategy directory's fine traces (train.trace_every), in order."""
-        found = []
-        for path in (self.root / strategy_dir / "fine_traces").glob("*.safetensors"):
-            m = re.fullmatch(r"phase(\d+)_step(\d+)", path.stem)
-            if m:
-                found.append((int(m[1]), int(m[2]), path))
-        return sorted(found)
+        """A fine trace (train.trace_every): embeddings of the probe sets' first images at `step`."""
+        return self.root / strategy_dir / FINE_TRACES / f"{checkpoint_stem(phase, step)}.safetensors"
 
     def metrics_path(self, strategy_dir: str) -> Path:
         return self.root / strategy_dir / "metrics.jsonl"
@@ -576,6 +571,16 @@ class RunDir:
             c.phase_end = last and (completed is None or c.phase in completed)
         return cks
 
+    def fine_traces(self, strategy_dir: str) -> list[tuple[int, int, Path]]:
+        """A strategy directory's fine traces as (phase, step, path), by phase then step."""
+        folder = self.strategy_path(strategy_dir) / FINE_TRACES
+        found = []
+        for path in folder.glob("*.safetensors") if folder.is_dir() else []:
+            m = _STEM.match(path.name[: -len(".safetensors")])
+            if m:
+                found.append((int(m[1]), int(m[2]), path))
+        return sorted(found)
+
     def load_state(self, strategy_dir: str):
         path = self.state_path(strategy_dir)
         return load_checkpoint(path) if path.exists() else None
@@ -591,8 +596,8 @@ class RunDir:
         return saved[-1]
 
     def restart_phase(self, strategy_dir: str, phase: int) -> None:
-        """Forget an unfinished phase's progress (its saved state, checkpoints, traces and metric
-        lines), so that it trains again from its start."""
+        """Forget an unfinished phase's progress (its saved state, checkpoints, traces, fine traces and
+        metric lines), so that it trains again from its start."""
         state = self.load_state(strategy_dir)
         if state is not None and state["phase"] == phase:
             self.state_path(strategy_dir).unlink()
@@ -601,6 +606,9 @@ class RunDir:
                 for path in (c.checkpoint, c.trace):
                     if path is not None:
                         path.unlink()
+        for p, _, path in self.fine_traces(strategy_dir):
+            if p == phase:
+                path.unlink()
         self.truncate_metrics(strategy_dir, phase, 0)
 
     def truncate_metrics(self, strategy_dir: str, phase: int, step: int) -> None:
@@ -610,6 +618,13 @@ class RunDir:
         keep = [r for r in rows if (r["phase"], r["step"]) <= (phase, step)]
         if len(keep) != len(rows) or (path.exists() and not path.read_text().endswith("\n")):
             atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+    def truncate_fine_traces(self, strategy_dir: str, phase: int, step: int) -> None:
+        """Delete fine traces written after the state we resume from (they will be written again),
+        as truncate_metrics drops metric lines."""
+        for p, s, path in self.fine_traces(strategy_dir):
+            if (p, s) > (phase, step):
+                path.unlink()
 
     # -- the result
 

@@ -4,7 +4,8 @@
 Tensors: `<domain>.image` [N, d] and `<domain>.text` [M, d] (L2-normalised, float16),
 `<domain>.ids` [N] int64 image ids (the same image, the same id, in every trace of a run), and, with several captions per image,
 `<domain>.caption_image` [M] int64 (image row of each caption).
-Metadata: {"domains": JSON list in stream order, "phase": P, "step": S, "model": name}.
+Metadata: {"domains": JSON list in stream order, "phase": P, "step": S, "model": name}, plus the
+writer's extra keys (the trainer: "strategy"; a fine trace also "fine": "1" and "trace_size": n).
 """
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ class DomainEmbeddings:
     ids: torch.Tensor             # [N] int64
     caption_image: torch.Tensor | None = None  # [M] int64, None when M == N and caption i is image i
 
+    def head(self, n: int) -> "DomainEmbeddings":
+        """The rows of the first `n` images and of their captions: what a fine trace of the same
+        probe set holds (ProbeSet.head)."""
+        if self.caption_image is None:
+            return DomainEmbeddings(self.image[:n], self.text[:n], self.ids[:n])
+        keep = self.caption_image < n
+        return DomainEmbeddings(self.image[:n], self.text[keep], self.ids[:n], self.caption_image[keep])
+
 
 @dataclass
 class Trace:
@@ -35,15 +44,23 @@ class Trace:
     extra: dict = field(default_factory=dict)
 
 
+def stored(emb: DomainEmbeddings) -> DomainEmbeddings:
+    """`emb` as a trace file holds it (float16 rows, int64 indices, on the CPU): what a reader of the
+    trace measures."""
+    # clone: safetensors refuses tensors that share memory (e.g. one caption_image for two domains)
+    return DomainEmbeddings(
+        image=emb.image.detach().to("cpu", torch.float16).clone(),
+        text=emb.text.detach().to("cpu", torch.float16).clone(), ids=emb.ids.detach().to("cpu", torch.int64).clone(),
+        caption_image=None if emb.caption_image is None else emb.caption_image.detach().to("cpu", torch.int64).clone())
+
+
 def write_trace(path, trace: Trace) -> None:
     tensors = {}
     for name, emb in trace.domains.items():
-        # clone: safetensors refuses tensors that share memory (e.g. one caption_image for two domains)
-        tensors[f"{name}.image"] = emb.image.detach().to("cpu", torch.float16).clone()
-        tensors[f"{name}.text"] = emb.text.detach().to("cpu", torch.float16).clone()
-        tensors[f"{name}.ids"] = emb.ids.detach().to("cpu", torch.int64).clone()
+        emb = stored(emb)
+        tensors[f"{name}.image"], tensors[f"{name}.text"], tensors[f"{name}.ids"] = emb.image, emb.text, emb.ids
         if emb.caption_image is not None:
-            tensors[f"{name}.caption_image"] = emb.caption_image.detach().to("cpu", torch.int64).clone()
+            tensors[f"{name}.caption_image"] = emb.caption_image
     metadata = {"domains": json.dumps(list(trace.domains)), "phase": str(trace.phase),
                 "step": str(trace.step), "model": trace.model}
     metadata.update({k: str(v) for k, v in trace.extra.items()})

@@ -30,20 +30,22 @@ from tqdm import tqdm
 
 from geomlab import __version__
 from geomlab.config import ConfigError, dumps
-from geomlab.data import SCORED_KINDS, SEEN_KIND, DataError, build_stream, with_pretrained_base
-from geomlab.embed import embed_probe
+from geomlab.data import CALIBRATION_KIND, SCORED_KINDS, SEEN_KIND, DataError, build_stream, with_pretrained_base
+from geomlab.embed import embed_probe, embed_probes_together
 from geomlab.geometry import retrieval_metrics
 from geomlab.io import WriteError, atomic_torch_save, load_checkpoint
 from geomlab.models import check_model_name, create_model, image_size, pretrained_kind, state_dict_of
 from geomlab.rundir import DATA_POLICY_KEYS, RunDir, RunDirError, checkpoint_stem
 from geomlab.runtime import resolve_device
 from geomlab.strategies import Features, PhaseContext, get_strategy
-from geomlab.reporting import TensorBoardReport, check_report_to
-from geomlab.traces import Trace, write_trace
+from geomlab.reporting import TensorBoardReport, check_report_to, drift_from_base
+from geomlab.traces import DomainEmbeddings, Trace, read_trace, stored, write_trace
 from geomlab.train_args import parse_args_or_hint, read_config
 from geomlab.zeroshot import evaluate as evaluate_zeroshot
 
 LOGIT_SCALE_MAX = math.log(100)
+
+FINE_TRACE_KINDS = (SEEN_KIND, CALIBRATION_KIND)  # the probe-set kinds a fine trace holds
 
 
 # ----------------------------------------------------------------------------- command line
@@ -278,6 +280,11 @@ class Trainer:
         for name in config["run"]["strategies"]:
             get_strategy(name).check_stream(self.stream)  # e.g. zscl needs a reference set
         self.num_phases = len(self.stream.phases)
+        # What a fine trace embeds: the seen probe sets and their calibration sets, cut to their first
+        # images (novel probe sets are read at checkpoints only: the disorder series are on seen data)
+        self.fine_probes = [p.head(config["train"]["trace_size"]) for p in self.stream.probes
+                            if p.kind in FINE_TRACE_KINDS]
+        self.base_reference: DomainEmbeddings | None = None  # read once the base phase has ended
         self.bar = None
         self.stop: StopRequest | None = None  # set by main: SIGINT/SIGTERM stop at the next step
         self.out: Path | None = None  # set by main: the --out a resume names (a multi-seed run's root)
@@ -345,6 +352,48 @@ class Trainer:
                                                 {name: e.image for name, e in embeddings.items()},
                                                 self.config["train"]["eval_batch_size"])
         self.log_metrics(strategy_dir, row)
+        self.report_drift_from_base(strategy_dir, phase, step, embeddings, fine=False)
+
+    def save_fine_trace(self, strategy_dir: str, phase: int, step: int) -> None:
+        """A fine trace at `step` (train.trace_every): the probe sets' first train.trace_size images
+        and their captions, embedded; no weights, no optimizer, no eval line."""
+        n = self.config["train"]["trace_size"]
+        # fork_rng: embedding draws nothing training would otherwise draw (a DataLoader's base seed),
+        # so a run with fine traces trains exactly as one without.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            embeddings = embed_probes_together(unwrap(self.model), self.tokenizer, self.fine_probes, self.device,
+                                               self.config["train"]["eval_batch_size"],
+                                               self.config["data"]["num_workers"])
+        bad = first_nonfinite({"fine trace embeddings": {name: vars(e) for name, e in embeddings.items()}})
+        if bad:
+            raise Diverged(f"{bad} is not finite")
+        write_trace(self.run.fine_trace_path(strategy_dir, phase, step),
+                    Trace(domains=embeddings, phase=phase, step=step, model=self.config["model"]["name"],
+                          extra={"strategy": strategy_dir, "fine": "1", "trace_size": n}))
+        self.report_drift_from_base(strategy_dir, phase, step, embeddings, fine=True)
+
+    def report_drift_from_base(self, strategy_dir: str, phase: int, step: int, embeddings: dict, fine: bool) -> None:
+        """With --report-to: the first probe set's drift_from_base scalars of a trace, when there is a
+        base model to measure from (the base's own phase-0 traces wait for report_base_phase)."""
+        if self.report is None or not self.run.is_complete("base", 0):
+            return
+        probe = self.stream.probes[0].name
+        if self.base_reference is None:
+            end = [c for c in self.run.checkpoints("base") if c.phase == 0 and c.phase_end and c.trace]
+            self.base_reference = read_trace(end[-1].trace).domains[probe]
+        now = stored(embeddings[probe])  # as in the trace file: the scalars are the trace's
+        drift = drift_from_base(self.base_reference.head(len(now.ids)), now)
+        self.report.add_drift_from_base(strategy_dir, probe, drift, self.line_step(strategy_dir, phase, step), fine)
+
+    def report_base_phase(self) -> None:
+        """With --report-to, once the base phase has ended: drift_from_base of the base's phase-0
+        traces, written before there was a base model to measure them from."""
+        if self.report is None:
+            return
+        traces = [(c.step, c.trace, False) for c in self.run.checkpoints("base") if c.phase == 0 and c.trace]
+        traces += [(step, path, True) for phase, step, path in self.run.fine_traces("base") if phase == 0]
+        for step, path, fine in traces:
+            self.report_drift_from_base("base", 0, step, read_trace(path).domains, fine)
 
     def log_metrics(self, strategy_dir: str, row: dict) -> None:
         """A metrics.jsonl row, and its scalars with --report-to tensorboard (rank 0 only)."""
@@ -445,6 +494,7 @@ class Trainer:
         if phase == 0 and t["base"] == "pretrained":  # no base phase: the weights as loaded end phase 0
             self.dist.on_main(lambda: self.save_checkpoint(strategy_dir, phase, 0, True))
             self.dist.on_main(lambda: self.run.mark_complete(strategy_dir, phase))
+            self.dist.on_main(self.report_base_phase)
             return
         strategy = self.make_strategy(strategy_dir, strategy_name, phase)
         data = strategy.start_phase(unwrap(self.model))  # what strategy.step_indices index
@@ -464,12 +514,22 @@ class Trainer:
                        f"(from {self.run.state_path(strategy_dir)})", file=sys.stderr)
         # Where a --resume after a divergence would start from.
         last_good = self.run.checkpoint_path(strategy_dir, phase, start) if start else start_checkpoint
-        # Lines logged after the state we start from (a crash) are dropped: they will be logged again.
-        self.dist.on_main(lambda: self.run.truncate_metrics(strategy_dir, phase, start))
-        every = t["checkpoint_every"]
+        # Lines logged and fine traces written after the state we start from (a crash) are dropped:
+        # they will be written again.
+        self.dist.on_main(lambda: (self.run.truncate_metrics(strategy_dir, phase, start),
+                                   self.run.truncate_fine_traces(strategy_dir, phase, start)))
+        every, fine_every = t["checkpoint_every"], t["trace_every"]
+
+        def fine_trace(step: int) -> None:
+            try:
+                self.dist.on_main(lambda: self.save_fine_trace(strategy_dir, phase, step))
+            except Diverged as e:
+                raise self.diverged(strategy_dir, phase, step, e, last_good, "nothing of it written") from None
 
         self.model.train()
         self.bar.set_description(f"{strategy_dir} phase {phase}/{self.num_phases - 1}")
+        if fine_every and start == 0:  # the phase-start weights (a resumed phase has its trace already)
+            fine_trace(0)
         for step, (images, tokens) in enumerate(self.batches(data, strategy.step_indices, start, total), start=start):
             done = step + 1
             try:
@@ -490,6 +550,9 @@ class Trainer:
                 except Diverged as e:
                     raise self.diverged(strategy_dir, phase, done, e, last_good, "nothing of it written") from None
                 self.bar.set_postfix(loss=f"{loss.item():.3f}")
+            # Before the checkpoint and its state: a state at `done` implies the fine trace at `done`.
+            if fine_every and (done % fine_every == 0 or done == total):
+                fine_trace(done)
             if done == total or (every and done % every == 0):
                 try:
                     self.dist.on_main(lambda: self.save(strategy_dir, phase, done, done == total, optimizer, strategy))
@@ -503,6 +566,8 @@ class Trainer:
                                   f"{self.run.state_path(strategy_dir)}; continue with: python -m geomlab.train "
                                   f"--out {self.out or self.run.root} --resume")
         self.dist.on_main(lambda: self.run.mark_complete(strategy_dir, phase))
+        if strategy_dir == "base":
+            self.dist.on_main(self.report_base_phase)
 
     def stop_requested(self) -> bool:
         """A SIGINT/SIGTERM arrived (on any rank: the ranks agree, so that all stop at one step)."""

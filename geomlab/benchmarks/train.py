@@ -6,6 +6,9 @@ ClipLoss, the logit-scale clamp, no checkpoints. geomlab's steps run through the
 `after_step`, in phase 1 of the stream (its start_phase, e.g. EWC's Fisher or the replay buffer's
 update, runs once before timing; end_phase runs once per phase and is not timed). Targets:
 finetune <= 1.15x bare; modx, lwf, der, zscl <= 1.5x finetune; ewc, er, wise <= 1.2x finetune.
+The `finetune+trace_every=N` row (`--trace-every`, default 10) is finetune writing a fine trace
+every N steps as the trainer does (Trainer.save_fine_trace, the config's train.trace_size); target
+<= 1.10x finetune, the fine-trace overhead train.trace_size is chosen by.
 Variants are timed in interleaved blocks and the median block is reported, so that a slow moment
 of the machine does not land on one variant only.
 
@@ -28,6 +31,7 @@ from geomlab.runtime import DEVICES
 
 from .common import print_table, write_json
 
+FINE_TRACE_TARGET = 1.10  # fine traces every 10 steps may cost at most 10% of the training time
 TARGETS = {"finetune": ("bare", 1.15), "modx": ("finetune", 1.5), "lwf": ("finetune", 1.5),
            "der": ("finetune", 1.5), "zscl": ("finetune", 1.5), "ewc": ("finetune", 1.2),
            "er": ("finetune", 1.2), "wise": ("finetune", 1.2)}
@@ -39,6 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks per variant (interleaved)")
+    p.add_argument("--trace-every", type=int, default=10, help="train.trace_every of the fine-trace row "
+                   "(0 = no such row); --steps a multiple of it gives every block the same number of traces")
+    p.add_argument("--trace-size", type=int, default=None, help="train.trace_size (default: the config's)")
     p.add_argument("--config", default=None, help="experiment TOML (default: the embedded one)")
     p.add_argument("--data", default="shapes", choices=["shapes", "csv"], help="training data (default shapes)")
     p.add_argument("--csv", default=None, metavar="FILE", help="CSV with filepath,title columns (--data csv); "
@@ -60,6 +67,8 @@ def _trainer(args):
     overrides = [f"model.name={args.model!r}", f"train.batch_size={args.batch_size}", f"run.device={args.device!r}"]
     if args.num_workers is not None:
         overrides.append(f"data.num_workers={args.num_workers}")
+    if args.trace_size is not None:
+        overrides.append(f"train.trace_size={args.trace_size}")
     if args.data == "csv":
         overrides += csv_overrides(args)
     config = load_config(args.config, overrides)
@@ -93,7 +102,11 @@ def csv_overrides(args) -> list[str]:
             f'{{name="probe", format="csv", role="probe", path="{probe_csv}"}}]']
 
 
-def _variants(trainer, names):
+def fine_trace_name(every: int) -> str:
+    return f"finetune+trace_every={every}"
+
+
+def _variants(trainer, names, trace_every: int = 0):
     """name -> (step(i, images, tokens), dataset, indices(step)): each variant with its own copy of
     the model, its own optimizer and its strategy started on phase 1 (bare: finetune's batches)."""
     from open_clip.loss import ClipLoss
@@ -138,6 +151,14 @@ def _variants(trainer, names):
             trainer.train_step(strategy, opt, images, tokens, i, lr_at(i, 1000, cfg))
             strategy.after_step(model, i + 1)
         variants[name] = (step, data, strategy.step_indices)
+    if trace_every:
+        finetune_step = variants["finetune"][0]
+
+        def traced(i, images, tokens):  # the trainer's fine trace after every trace_every-th step
+            finetune_step(i, images, tokens)
+            if (i + 1) % trace_every == 0:
+                trainer.save_fine_trace("bench", phase, i + 1)
+        variants[fine_trace_name(trace_every)] = (traced, *variants["finetune"][1:])
     variants = {"bare": (bare, *variants["finetune"][1:]), **variants}
     if trainer.config["data"]["stream"] != "shapes":
         variants["loader"] = (lambda i, images, tokens: None, *variants["finetune"][1:])  # the DataLoader alone
@@ -152,7 +173,10 @@ def run(args) -> int:
         print(f"geomlab.bench train: error: --strategies: unknown {', '.join(unknown)}; valid: "
               f"{', '.join(TARGETS)}", file=sys.stderr)
         return 2
-    variants = _variants(trainer, names)
+    if args.trace_every < 0:
+        print("geomlab.bench train: error: --trace-every must be >= 0", file=sys.stderr)
+        return 2
+    variants = _variants(trainer, names, args.trace_every)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     blocks = {name: [] for name in variants}
@@ -181,8 +205,24 @@ def run(args) -> int:
             ref, target = TARGETS[name]
             row.update({"vs": ref, "ratio": ms[name] / ms[ref], "target": target,
                         "meets": ms[name] / ms[ref] <= target})
+        if args.trace_every and name == fine_trace_name(args.trace_every):
+            row.update({"vs": "finetune", "ratio": ms[name] / ms["finetune"], "target": FINE_TRACE_TARGET,
+                        "meets": ms[name] / ms["finetune"] <= FINE_TRACE_TARGET,
+                        "trace_size": trainer.config["train"]["trace_size"]})
         rows.append(row)
     print_table(rows)
+    if args.trace_every:
+        traced = fine_trace_name(args.trace_every)
+        # On a shared machine the median blocks can land on different loads; the fastest blocks are
+        # each variant's least disturbed ones, so their ratio is the steadier estimate of the cost.
+        fastest = {name: 1000 * min(blocks[name]) for name in ("finetune", traced)}
+        print(f"fine traces (train.trace_size = {trainer.config['train']['trace_size']}, "
+              f"{len(trainer.fine_probes)} probe sets, {torch.get_num_threads()} threads): median blocks "
+              f"{1000 / ms['finetune']:.2f} steps/s with train.trace_every=0, {1000 / ms[traced]:.2f} with "
+              f"train.trace_every={args.trace_every}: {100 * (ms[traced] / ms['finetune'] - 1):+.1f}% time per step; "
+              f"fastest blocks {1000 / fastest['finetune']:.2f} and {1000 / fastest[traced]:.2f} steps/s: "
+              f"{100 * (fastest[traced] / fastest['finetune'] - 1):+.1f}% (target <= "
+              f"{100 * (FINE_TRACE_TARGET - 1):.0f}%)")
     if "loader" in ms:
         # Workers = 0: loading runs serially inside every step, so it bounds the step once it takes
         # half of it. Workers > 0: it overlaps the step, and bounds it once the loader alone is

@@ -65,6 +65,17 @@ class ProbeSet:
         return len(self.captions) == len(self.ids) and bool(
             (self.caption_image == torch.arange(len(self.ids))).all())
 
+    def head(self, n: int) -> "ProbeSet":
+        """The probe set of its first `n` images and their captions (a fine trace's rows,
+        docs/definitions.md, "Traces"): caption_image keeps pointing at the same image rows."""
+        if n >= len(self.ids):
+            return self
+        keep = torch.nonzero(self.caption_image < n).flatten()
+        # real data keeps its decoded pixels and its own batching (embed_probe); rendered data a Subset
+        images = self.images.head(n) if hasattr(self.images, "head") else Subset(self.images, range(n))
+        return dataclasses.replace(self, images=images, captions=[self.captions[i] for i in keep.tolist()],
+                                   caption_image=self.caption_image[keep], ids=self.ids[:n])
+
 
 @dataclass
 class ZeroShotSet:

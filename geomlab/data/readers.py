@@ -528,6 +528,11 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.records)
 
+    def head(self, n: int) -> "ImageDataset":
+        """The first `n` images (ProbeSet.head)."""
+        pixels = self.pixels[:n] if self.pixels is not None else None
+        return ImageDataset(self.records[:n], self.transform, source=self.source, pixels=pixels)
+
     def __getitem__(self, i):
         if self.pixels is not None:
             return self._normalize(self.pixels[i].float().div(255))  # = ToTensor of the PIL steps' output

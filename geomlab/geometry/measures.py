@@ -335,6 +335,10 @@ def inter_modal_deviation(image_a: torch.Tensor, text_a: torch.Tensor, image_b: 
             "modality_gap_a": modality_gap(image_a, text_a), "modality_gap_b": modality_gap(image_b, text_b)}
 
 
+#: disorder_scalars' keys: the Spatial Disorder numbers a series of traces is read by
+DISORDER_SCALARS = ("rotation_image", "rotation_text", "desync", "alignment_drift")
+
+
 def disorder_scalars(a, b, *, caption_image: torch.Tensor | None = None) -> dict:
     """The domain-level Spatial Disorder numbers of one probe set from a to b, as the headline reports
     them (figures.summary.pair_numbers): mean rotation angle per modality, desynchronisation (mean
