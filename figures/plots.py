@@ -380,10 +380,11 @@ def figures(a: dict) -> list[tuple[str, str, go.Figure, str]]:
            ("flips", "Flip analysis", flips(a),
             "The share of retrieval queries right at the base checkpoint and wrong now (forgotten) or the reverse "
             "(learned), and the ROC AUC with which Δφ and δ pick out the forgotten ones (0.5: chance).")]
+    from .disorder import disorder_sections  # imported here: figures.disorder imports this module
+    out += disorder_sections(a.get("disorder_or_loss"))
     for i, name in enumerate(a["strategies"]):
         out.append((f"sphere-{i}", f"Sphere: {name}", sphere(a, name),
                     f"{name}'s probe embeddings on the sphere: a 3-component PCA fitted at {a['sphere']['fit_at']}, "
                     "each point scaled to unit length; the slider steps through checkpoints. Colour: probe set; "
                     "circle: image, diamond: text; hover a point for its caption."))
-    from .disorder import disorder_sections  # imported here: figures.disorder imports this module
-    return out + disorder_sections(a.get("disorder_or_loss"))
+    return out

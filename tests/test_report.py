@@ -38,10 +38,11 @@ def find_chromium():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = synthetic_run(tmp_path_factory.mktemp("runs") / "evil", strategies=("finetune", EVIL_STRATEGY),
-                         checkpoints=4, domains=3, n=40, d=16, seed=2)
+                         checkpoints=4, domains=3, n=40, d=16, seed=2, calibration=48, fine_rows=12)
     a = analyze(root, report=False, quiet=True)
     # captions as the probe data would give them, every one of them hostile
     first = read_trace(RunDir(root).trace_path("base", 0, 100))
+    first.domains = {d: first.domains[d] for d in a["domains"]}  # the scored probe sets (no calibration sets)
     captions = {d: ProbeSet(d, None, [EVIL_CAPTIONS[i % len(EVIL_CAPTIONS)] for i in range(len(e.ids))],
                             torch.arange(len(e.ids)), e.ids.clone())
                 for d, e in first.domains.items()}
@@ -63,7 +64,10 @@ def test_report_is_offline_and_escaped(report):
     ids = a["sphere"]["samples"]["domain0"]["ids"]
     assert a["sphere"]["samples"]["domain0"]["captions"] == [EVIL_CAPTIONS[i % 3] for i in range(len(ids))]
     assert [name for _, name, _, _ in figures(a)[-len(a["strategies"]):]] == [f"Sphere: {s}" for s in a["strategies"]]
-    assert len(figures(a)) == 9 + len(a["strategies"])  # the synthetic run records zero-shot accuracies
+    # the synthetic run records zero-shot accuracies; its calibration splits and fine traces give the
+    # "Disorder or loss?" and lead/lag sections (no forecast: that needs two seeds)
+    assert len(figures(a)) == 11 + len(a["strategies"])
+    assert [sid for sid, _, _, _ in figures(a)][9:11] == ["disorder-or-loss", "lead-lag"]
 
 
 def test_summary_table_shows_the_headline_numbers(report):
@@ -88,7 +92,8 @@ def test_summary_table_shows_the_headline_numbers(report):
 @pytest.fixture(scope="module")
 def study_report(tmp_path_factory):
     root = synthetic_study(tmp_path_factory.mktemp("runs") / "evil-study", [0, 1],
-                           strategies=("finetune", EVIL_STRATEGY), checkpoints=4, domains=3, n=40, d=16)
+                           strategies=("finetune", EVIL_STRATEGY), checkpoints=4, domains=3, n=40, d=16,
+                           calibration=48, fine_rows=12)
     st = analyze_study([root], report=False, quiet=True)
     return write_report(st, root / "analysis" / "report.html"), st
 
