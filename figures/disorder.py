@@ -89,25 +89,24 @@ def disorder_sections(d: dict | None) -> list[tuple[str, str, go.Figure, str]]:
     """The "Disorder or loss?" figures that `d` has data for, as (section id, title, figure, caption)."""
     if not d:
         return []
-    out = []
-    if any(e and e.get("realignment") for e in d.values()):
-        out.append(("disorder-or-loss", "Disorder or loss?", loss_split_figure(d),
-                    "Each old probe set's R@1 lost between the phase that learned it and the last phase, split by "
-                    "realignment fitted on its calibration split: green is what one rotation brings back (cross-modal "
-                    "or per modality back to the learning model, whichever recovers more), orange what only a general "
-                    "linear map adds, grey what no linear map recovers. Mean over seeds; the black bar is the 95% CI "
-                    "of the whole loss. If Spatial Disorder caused the forgetting, green would fill most of each bar; "
-                    "grey means the information is gone, not turned."))
-    if any(e and e.get("lead_lag") for e in d.values()):
-        out.append(("lead-lag", "Does disorder come first?", lead_lag_figure(d),
-                    "Along the fine traces, the correlation between each geometry measure's rise and R@1's fall "
-                    "when the measure is shifted by a lag (in traces): a peak at a positive lag means the geometry "
-                    "moves before retrieval falls, as it would if disorder drove the forgetting; a peak at 0 means "
-                    "they move together; negative, R@1 falls first. Mean over seeds and old probe sets, 95% CI bars."))
-    if any(e and e.get("forecast") for e in d.values()):
-        out.append(("forecast", "Does disorder forecast the fall?", forecast_figure(d),
-                    f"Root mean squared error of a least-squares forecast of R@1 {FORECAST_HORIZON} traces ahead from "
-                    f"its last {FORECAST_HISTORY} values (history) and from those plus the last {FORECAST_HISTORY} "
-                    "values of the four geometry measures, each seed held out in turn (mean and 95% CI over seeds). "
-                    "If disorder drives the fall, the geometry forecast has the smaller error."))
-    return out
+    sections = [
+        ("realignment", "disorder-or-loss", "Disorder or loss?", loss_split_figure,
+         "Each old probe set's R@1 lost between the phase that learned it and the last phase, split by "
+         "realignment fitted on its calibration split: green is what one rotation brings back (cross-modal "
+         "or per modality back to the learning model, whichever recovers more), orange what only a general "
+         "linear map adds, grey what no linear map recovers. Mean over seeds; the black bar is the 95% CI "
+         "of the whole loss. If Spatial Disorder caused the forgetting, green would fill most of each bar; "
+         "grey means the information is gone, not turned."),
+        ("lead_lag", "lead-lag", "Does disorder come first?", lead_lag_figure,
+         "Along the fine traces, the correlation between each geometry measure's rise and R@1's fall "
+         "when the measure is shifted by a lag (in traces): a peak at a positive lag means the geometry "
+         "moves before retrieval falls, as it would if disorder drove the forgetting; a peak at 0 means "
+         "they move together; negative, R@1 falls first. Mean over seeds and old probe sets, 95% CI bars."),
+        ("forecast", "forecast", "Does disorder forecast the fall?", forecast_figure,
+         f"Root mean squared error of a least-squares forecast of R@1 {FORECAST_HORIZON} traces ahead from "
+         f"its last {FORECAST_HISTORY} values (history) and from those plus the last {FORECAST_HISTORY} "
+         "values of the four geometry measures, each seed held out in turn (mean and 95% CI over seeds). "
+         "If disorder drives the fall, the geometry forecast has the smaller error."),
+    ]
+    return [(sid, title, figure(d), caption) for key, sid, title, figure, caption in sections
+            if any(e and e.get(key) for e in d.values())]

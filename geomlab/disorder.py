@@ -222,4 +222,5 @@ def _sum_means(entries: list[dict]) -> float | None:
 
 
 def _fmt(v) -> str:
+    # figures.summary.format_number, which this module cannot import (geomlab.figures imports it)
     return "n/a" if v is None else f"{v:.3f}"

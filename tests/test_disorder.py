@@ -181,3 +181,10 @@ def test_bench_analyze_reports_what_disorder_or_loss_adds(tmp_path):
     row = rows["analyze + disorder or loss"]
     # per strategy three realignments: domain0 at the ends of phases 1 and 2, domain1 at the end of phase 2
     assert row["seconds"] > 0 and "6 realignments" in row["note"]
+
+
+def test_disorder_scalars_of_no_rows_is_refused_not_nan():
+    from geomlab.geometry import disorder_scalars
+    empty = (torch.zeros(0, 8), torch.zeros(0, 8))
+    with pytest.raises(ValueError, match="no rows"):
+        disorder_scalars(empty, empty)

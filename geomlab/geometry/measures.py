@@ -347,6 +347,8 @@ def disorder_scalars(a, b, *, caption_image: torch.Tensor | None = None) -> dict
     `DomainEmbeddings` or (image, text[, caption_image]) tuples of the same samples."""
     image_a, text_a, ci = _parts(a, caption_image)
     image_b, text_b, ci_b = _parts(b, caption_image)
+    if image_a.shape[0] == 0 or text_a.shape[0] == 0:  # the mean of nothing would be NaN, not a measure
+        raise ValueError("disorder_scalars: no rows; at least one pair is needed")
     dev = inter_modal_deviation(image_a, text_a, image_b, text_b, ci if ci is not None else ci_b)
     return {"rotation_image": float(rotation_angles(image_a, image_b).mean()),
             "rotation_text": float(rotation_angles(text_a, text_b).mean()),

@@ -59,6 +59,8 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
             sizes[split] = size
     names_all = list(base)
     calibration_names = {calibration_name(name) for name in names}
+    # the domain of each probe set and calibration split (a calibration split moves like its probe set)
+    domain_of = {split: k for k, name in enumerate(names) for split in (name, calibration_name(name))}
 
     def caption_rows(size):
         return torch.arange(size).repeat_interleave(captions_per_image) if captions_per_image > 1 else None
@@ -101,8 +103,7 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
             for c in range(1, count + 1):
                 new = {}
                 for k, (img, txt, ids) in state.items():
-                    di = next(i for i, name in enumerate(names) if k in (name, calibration_name(name)))
-                    # (a calibration split moves like its probe set)
+                    di = domain_of[k]
                     ri = small_rotation(d, 0.08 * scale, gen)
                     rt = small_rotation(d, 0.05 * scale, gen)
                     noise = (0.12 if di == 0 else 0.03) * scale
@@ -116,8 +117,7 @@ def synthetic_run(root, *, strategies=("finetune", "modx", "joint"), checkpoints
         completed[strategy] = list(range(1, phases + 1))
     info = {"strategies": list(strategies), "phases": names, "probes": names_all, "completed": completed, "seed": seed,
             "device": "cpu", "model": "geomlab-tiny", "versions": {},
-            "probe_phases": {name: [next(i for i, m in enumerate(names) if name in (m, calibration_name(m)))]
-                             for name in names_all},
+            "probe_phases": {name: [domain_of[name]] for name in names_all},
             "probe_kinds": {name: CALIBRATION_KIND if name in calibration_names else SEEN_KIND for name in names_all}}
     atomic_write_json(run.run_json_path, info)
     return run.root
