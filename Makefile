@@ -32,7 +32,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -x -n auto --maxprocesses 4 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(PY) -m geomlab.bench kernels

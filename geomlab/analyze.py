@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -38,8 +39,8 @@ from geomlab.geometry.forgetting import exact_mean
 from geomlab.geometry.sphere import SPHERE_SAMPLES, SphereProjection
 from geomlab.io import atomic_write_text
 from geomlab.models import check_model_name
-from geomlab.rundir import ANALYSIS, Source, discover, discover_seeds, is_multi_seed, seed_dir
-from geomlab.runtime import DEVICES, cpu_workers, map_threads, resolve_device, single_threaded
+from geomlab.rundir import ANALYSIS, SeedRun, Source, discover, discover_seeds, is_multi_seed, seed_dir
+from geomlab.runtime import DEVICES, cpu_workers, map_processes, map_threads, resolve_device, single_threaded
 from geomlab.study import aggregate, summary
 from geomlab.traces import read_trace
 from geomlab.weights import WeightDistances
@@ -52,14 +53,15 @@ class AnalyzeError(ValueError):
 
 
 def analyze(ckpt_dir, *, out=None, model: str | None = None, probe: str | None = None, device: str = "auto",
-            exact_limit: int = 20_000, report: bool = True, quiet: bool = False) -> dict:
+            exact_limit: int = 20_000, report: bool = True, quiet: bool = False, workers: int | None = None) -> dict:
     """Analyze CKPT_DIR (a run, one strategy's directory, or a directory of open_clip checkpoints) as
     `python -m geomlab.analyze` does: write OUT/analysis.json (and OUT/report.html unless
     `report=False`), OUT = `out` or CKPT_DIR/analysis, and return the analysis.json object.
 
     `model` is the open_clip architecture of plain checkpoints; `probe` the probe data to embed
     checkpoints without traces with ('shapes' or an experiment config .toml). Unless `quiet`, shows
-    progress bars and prints a summary. Bad input raises a ValueError whose message names it
+    progress bars and prints a summary. `workers`: CPU threads for the measures (default: the cores
+    this process may use, at most 4). Bad input raises a ValueError whose message names it
     (AnalyzeError; RunDirError for CKPT_DIR; EmbedError for probe data or a checkpoint that cannot
     be embedded; or an unreadable trace or checkpoint), and analysis.json is not written.
     """
@@ -82,7 +84,8 @@ def analyze(ckpt_dir, *, out=None, model: str | None = None, probe: str | None =
         print(f"left out of {source.root}: {'; '.join(source.ignored)}", file=sys.stderr)
     probes = Probes(probe, source.config_path)
     traces = load_traces(source, Embedder(out / "cache", probes, model, resolve_device(device)), quiet=quiet)
-    result = _analysis(source, traces, captions=probes.captions(), exact_limit=exact_limit, quiet=quiet)
+    result = _analysis(source, traces, captions=probes.captions(), exact_limit=exact_limit, quiet=quiet,
+                       workers=cpu_workers() if workers is None else workers)
     distances = WeightDistances(out / "cache")  # from the .pt files, cached (geomlab.weights)
     for name, cks in source.series.items():
         result["strategies"][name]["weight_distance"] = distances.series(cks)
@@ -120,11 +123,16 @@ def analyze_study(ckpt_dirs, *, out=None, model: str | None = None, probe: str |
         raise AnalyzeError("--out is required with several CKPT_DIRs: where the study goes")
     out = Path(out) if out is not None else ckpt_dirs[0] / ANALYSIS
     t0 = time.time()
-    analyses, paths = [], {}
-    for r in tqdm(runs, desc="seeds", unit="seed", disable=quiet or None, file=sys.stderr):
-        analyses.append(analyze(r.root, out=out / seed_dir(r.seed), model=model, probe=probe, device=device,
-                                exact_limit=exact_limit, report=report, quiet=True))
-        paths[r.seed] = f"{seed_dir(r.seed)}/analysis.json"
+    # One seed's analysis per process (each on one thread): most of an analysis is many small tensor
+    # operations that hold the GIL, so a second core helps only through a second process.
+    one = functools.partial(_analyze_seed, out=out, model=model, probe=probe, device=device,
+                            exact_limit=exact_limit, report=report)
+    bar = tqdm(total=len(runs), desc="seeds", unit="seed", disable=quiet or None, file=sys.stderr)
+    # (CUDA does not survive a fork: embedding on the GPU keeps the seeds in this process)
+    workers = 1 if resolve_device(device).type == "cuda" else cpu_workers()
+    analyses = map_processes(one, runs, workers, done=bar.update)
+    bar.close()
+    paths = {r.seed: f"{seed_dir(r.seed)}/analysis.json" for r in runs}
     result = _jsonable(aggregate(runs, analyses, sources=ckpt_dirs, paths=paths))
     result["seconds"] = round(time.time() - t0, 2)
     report_path = _write(result, out, report)
@@ -132,6 +140,11 @@ def analyze_study(ckpt_dirs, *, out=None, model: str | None = None, probe: str |
         print(summary(result))
         print(f"analysis: {out / 'analysis.json'}" + (f"\nreport: {report_path}" if report_path else ""))
     return result
+
+
+def _analyze_seed(run: SeedRun, *, out: Path, **options) -> dict:
+    """One seed's run of a study, analysed into OUT/seedS/ on one thread (a worker of analyze_study)."""
+    return analyze(run.root, out=out / seed_dir(run.seed), quiet=True, workers=1, **options)
 
 
 # ----------------------------------------------------------------------------- the analysis
@@ -171,10 +184,10 @@ def _check_embeddings(source: Source, traces: dict, domains: list) -> None:
                 raise AnalyzeError(str(err)) from None
 
 
-def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int, quiet: bool) -> dict:
+def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int, quiet: bool, workers: int) -> dict:
     """Every measure over every series of `source` (traces: key -> (Trace, how)); the analysis.json object.
 
-    Runs with one BLAS/torch thread per worker on `cpu_workers()` Python threads: on small shared
+    Runs with one BLAS/torch thread per worker on `workers` Python threads: on small shared
     machines that is far faster than letting OpenMP/OpenBLAS threads spin."""
     # Calibration sets are in the traces for realignment fits alone (docs/definitions.md, "Calibration
     # split"): every measure below, and so analysis.json's domains, covers the scored probe sets only,
@@ -225,7 +238,7 @@ def _analysis(source: Source, traces: dict, *, captions: dict, exact_limit: int,
             return res
 
         done: dict = {}
-        for (a, b, d), res in zip(tasks, map_threads(one, tasks, cpu_workers())):
+        for (a, b, d), res in zip(tasks, map_threads(one, tasks, workers)):
             done.setdefault((a, b), {})[d] = res
         bar.close()
 

@@ -6,7 +6,8 @@ answer them the same way.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Callable, Iterable, TypeVar
 
@@ -74,3 +75,40 @@ def map_threads(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[
         return [fn(x) for x in items]
     with single_threaded(), ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+def _one_thread_process() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def map_processes(fn: Callable[[T], R], items: Iterable[T], workers: int,
+                  done: Callable[[], None] | None = None) -> list[R]:
+    """[fn(x) for x in items] on `workers` forked processes of one torch thread each (in this process
+    when workers ≤ 1 or there is one item); `done()` after each item. For work that holds the GIL
+    most of the time (many small tensor operations), where `map_threads` cannot use a second core.
+
+    Forked as torch's DataLoader forks its workers (one torch thread in the child); the first
+    exception is raised here and the items not started are cancelled."""
+    items = list(items)
+    if workers <= 1 or len(items) < 2:
+        out = []
+        for x in items:
+            out.append(fn(x))
+            if done:
+                done()
+        return out
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(workers, len(items)), mp_context=context, initializer=_one_thread_process) as pool:
+        futures = {pool.submit(fn, x): i for i, x in enumerate(items)}
+        out: list = [None] * len(items)
+        try:
+            for f in as_completed(futures):
+                out[futures[f]] = f.result()
+                if done:
+                    done()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        return out

@@ -35,7 +35,9 @@ def weight_distance(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.
     if a.keys() != b.keys():
         diff = sorted(set(a) ^ set(b))
         raise ValueError(f"weight_distance: the state dicts differ in floating-point tensors {', '.join(diff[:5])}")
-    num = den = 0.0
+    # the sums stay float64 tensors until the end: one conversion per call, not two per tensor
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
     for k, tb in b.items():
         ta = a[k]
         if ta.shape != tb.shape:
@@ -43,8 +45,9 @@ def weight_distance(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.
         fa, fb = ta.detach().reshape(-1), tb.detach().reshape(-1)
         for i in range(0, fb.numel(), CHUNK):
             x, y = fa[i:i + CHUNK].double(), fb[i:i + CHUNK].double()
-            num += float(((x - y) ** 2).sum())
-            den += float((y * y).sum())
+            num += torch.sub(x, y).square_().sum()
+            den += y.square().sum()
+    num, den = float(num), float(den)
     if not (math.isfinite(num) and math.isfinite(den)) or den == 0:
         return None
     return math.sqrt(num) / math.sqrt(den)
