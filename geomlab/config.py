@@ -174,6 +174,22 @@ SCHEMA: dict = {
         "avg_freq": 15,              # steps between the weight ensemble's samples
         "reference_batch_size": 16,  # reference pairs per step
     },
+    "lora": {
+        "rank": 4,                   # r of each adapter pair B·A (≥ 1)
+        "scale": 2.0,                # ΔW = scale·B·A (peft's lora_alpha / r; C-CLIP: lora_alpha = 2r) (> 0)
+        "dropout": 0.1,              # dropout on the adapters' input, in [0, 1) (C-CLIP: 0.1)
+    },
+    "cclip": {
+        "rank": 4, "scale": 2.0, "dropout": 0.1,  # the adapters, as lora's
+        "weight": 1.0,               # λ of λ·L_ckc (≥ 0); C-CLIP adds the two losses (λ = 1)
+        "temperature": 0.07,         # τ of the CKC loss (> 0)
+        "merge": 0.5,                # α: the share of the adapters' update merged at the phase end, in (0, 1]
+    },
+    "nsp": {
+        "threshold": 0.01,           # the null space: eigenvalues ≤ threshold·λ_max of the earlier inputs'
+                                     # covariance, in (0, 1] (1: every direction, finetune)
+        "batches": 4,                # batches of a phase's data its input covariance is summed over (≥ 1)
+    },
 }
 
 CHOICES = {
@@ -222,6 +238,11 @@ RANGES = {
     ("train", "trace_every"): NON_NEGATIVE, ("train", "trace_size"): AT_LEAST_ONE,
     ("zscl", "weight"): NON_NEGATIVE, ("zscl", "temperature"): POSITIVE,
     ("zscl", "avg_freq"): AT_LEAST_ONE, ("zscl", "reference_batch_size"): AT_LEAST_ONE,
+    **{(s, k): r for s in ("lora", "cclip") for k, r in (("rank", AT_LEAST_ONE), ("scale", POSITIVE),
+                                                          ("dropout", Range(0, 1, strict_hi=True)))},
+    ("cclip", "weight"): NON_NEGATIVE, ("cclip", "temperature"): POSITIVE,
+    ("cclip", "merge"): Range(0, 1, strict_lo=True),
+    ("nsp", "threshold"): Range(0, 1, strict_lo=True), ("nsp", "batches"): AT_LEAST_ONE,
 }
 
 

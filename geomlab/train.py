@@ -92,6 +92,13 @@ class Dist:
         import torch.distributed.nn.functional as dist_fn
         return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
 
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over ranks, on every rank (a copy on one process)."""
+        x = x.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
     def on_main(self, work):
         """`work()` on rank 0 only (it writes files); an error it raises is raised on every rank, so
         that no rank waits for one that has stopped. Returns work's result on rank 0, else None."""
@@ -319,12 +326,14 @@ class Trainer:
                                "strategy": strategy.state_dict()})
         if bad:
             raise Diverged(f"{bad} is not finite")
-        self.save_checkpoint(strategy_dir, phase, step, phase_end)
+        self.save_checkpoint(strategy_dir, phase, step, phase_end, strategy.checkpoint_weights(unwrap(self.model)))
         self.save_state(strategy_dir, phase, step, optimizer, strategy)
 
-    def save_checkpoint(self, strategy_dir: str, phase: int, step: int, phase_end: bool) -> None:
+    def save_checkpoint(self, strategy_dir: str, phase: int, step: int, phase_end: bool,
+                        weights: dict | None = None) -> None:
+        """`weights`: the open_clip state dict to write (default: the model's own)."""
         model = unwrap(self.model)
-        weights = model.state_dict()
+        weights = model.state_dict() if weights is None else weights
         embeddings = {p.name: embed_probe(model, self.tokenizer, p, self.device, self.config["train"]["eval_batch_size"],
                                           self.config["data"]["num_workers"])
                       for p in self.stream.probes}
@@ -486,7 +495,8 @@ class Trainer:
             load_batch=self.load_batch, encode=encode, gather=self.dist.gather,
             load_state=functools.partial(self.run.load_strategy_state, strategy_dir), save_state=save,
             previous_model=frozen() if cls.needs_previous_model else None, base_model=base,
-            seed=self.config["run"]["seed"], rank=self.dist.rank, world=self.dist.world, tokenizer=self.tokenizer)
+            seed=self.config["run"]["seed"], rank=self.dist.rank, world=self.dist.world, tokenizer=self.tokenizer,
+            all_sum=self.dist.all_sum)
         return cls(context, **self.config[cls.name])
 
     def train_phase(self, strategy_dir: str, strategy_name: str, phase: int, start_checkpoint: Path | None) -> None:
@@ -496,11 +506,21 @@ class Trainer:
             self.dist.on_main(lambda: self.run.mark_complete(strategy_dir, phase))
             self.dist.on_main(self.report_base_phase)
             return
+        state, start = self.run.load_state(strategy_dir), 0
+        total = phase_steps(cfg, phase, len(get_strategy(strategy_name).train_data(self.stream, phase)))
+        if state is not None and state["phase"] == phase and state["step"] == total:
+            # Stopped between the phase-end state and marking the phase complete: its checkpoint is
+            # written (before the state), nothing is left to train.
+            self.dist.on_main(lambda: self.run.mark_complete(strategy_dir, phase))
+            if strategy_dir == "base":
+                self.dist.on_main(self.report_base_phase)
+            return
         strategy = self.make_strategy(strategy_dir, strategy_name, phase)
         data = strategy.start_phase(unwrap(self.model))  # what strategy.step_indices index
-        total = phase_steps(cfg, phase, len(strategy.context.data))
+        if self.dist.world > 1:
+            # Over the parameters the strategy leaves trainable (lora: its adapters), built anew each phase
+            self.model = torch.nn.parallel.DistributedDataParallel(unwrap(self.model))
         optimizer = make_optimizer(self.model, cfg)
-        state, start = self.run.load_state(strategy_dir), 0
         if state is not None and state["phase"] == phase:  # resume mid-phase
             unwrap(self.model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -706,8 +726,6 @@ def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: 
 
     try:
         dist.on_main(start)
-        if dist.world > 1:
-            trainer.model = torch.nn.parallel.DistributedDataParallel(trainer.model)
         trainer.barrier()
         trainer.fit()
         dist.on_main(lambda: run.write_run_json(config, trainer, __version__))

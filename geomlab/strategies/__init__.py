@@ -10,17 +10,21 @@ the run directory carry over.
 from __future__ import annotations
 
 from .base import Features, PhaseContext, Strategy
+from .cclip import CCLIP
 from .der import DER
 from .er import ER
 from .ewc import EWC
 from .finetune import Finetune
 from .joint import Joint
+from .lora import LoRA
 from .lwf import LwF
 from .modx import ModX
+from .nsp import NSP
 from .wise import WiSE
 from .zscl import ZSCL
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Finetune, ModX, Joint, LwF, EWC, ER, DER, WiSE, ZSCL)}
+STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Finetune, ModX, Joint, LwF, EWC, ER, DER, WiSE, ZSCL,
+                                                                  LoRA, CCLIP, NSP)}
 
 
 def get_strategy(name: str) -> type[Strategy]:

@@ -9,12 +9,16 @@ A strategy is built afresh for every phase, while the model holds the phase-star
         rows = strategy.step_indices(step)    the step's global batch: indices into `data`
         loss, parts = strategy.loss(images, tokens, features, step)
         (backward, optimizer step)
-        strategy.after_step(model, step + 1)
+        strategy.after_step(model, step + 1)  may change the step's update (nsp projects it)
         if step + 1 == total:
             strategy.end_phase(model)         may set the phase's result weights
-        (at checkpoints: state.pt holds strategy.state_dict())
+        (at checkpoints: the checkpoint holds strategy.checkpoint_weights(model), state.pt
+         the model's own state_dict() and strategy.state_dict())
 
-and, resuming mid-phase, `strategy.load_state_dict(saved)` after `start_phase`. Every hook's result
+and, resuming mid-phase, `strategy.load_state_dict(saved)` after `start_phase`. start_phase may change
+the model itself (lora: adapters, the only trainable parameters), before the optimizer is built
+over its trainable parameters (and, under torchrun, DistributedDataParallel over them); end_phase
+then returns it to a plain open_clip model. Every hook's result
 is a function of the phase-start weights, the step number and the saved state, so a resumed phase
 repeats an uninterrupted one. What a strategy carries between phases (EWC's Fisher, a replay
 buffer) it computes in `start_phase` from the previous phase and keeps in the run directory as
@@ -92,6 +96,7 @@ class PhaseContext:
                                                     # the ranks' losses add up to the full-batch loss
     tokenizer: Callable | None = None               # tokenizer(list of str) -> tokens (CPU): a strategy's
                                                     # own texts (ZSCL's reference pool)
+    all_sum: Callable[[torch.Tensor], torch.Tensor] = torch.clone  # the sum over ranks (a copy on one process)
 
     @torch.no_grad()
     def teacher(self, model: torch.nn.Module, images, tokens, feats: Features):
@@ -151,6 +156,11 @@ class Strategy(abc.ABC):
 
     def end_phase(self, model: torch.nn.Module) -> None:
         """After the last step, before the phase-end checkpoint: may set the phase's result weights."""
+
+    def checkpoint_weights(self, model: torch.nn.Module) -> dict:
+        """The open_clip state dict a checkpoint holds (the model as it computes; lora: the adapters
+        merged in, open_clip's keys)."""
+        return model.state_dict()
 
     def state_dict(self) -> dict:
         """Mid-phase state that --resume needs (tensors and numbers), saved in state.pt."""
