@@ -432,7 +432,11 @@ class Trainer:
         loader = DataLoader(data, batch_sampler=sampler, num_workers=workers,
                             collate_fn=functools.partial(collate, self.tokenizer),
                             pin_memory=self.device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if workers else None)
+                            prefetch_factor=4 if workers else None,
+                            # its workers' base seed from a generator of its own, not from the global one,
+                            # which a resumed phase restores before this loader starts (LoRA's dropout
+                            # then draws what an uninterrupted run draws)
+                            generator=torch.Generator().manual_seed(self.config["run"]["seed"] * 7_919 + start))
         for images, tokens in loader:
             yield images.to(self.device, non_blocking=True), tokens.to(self.device, non_blocking=True)
 

@@ -64,7 +64,18 @@ class LoRA(Strategy):
             torch.manual_seed(self.context.seed * 1_000_003 + self.context.phase * INIT_SALT)
             self.adapted = peft.tuners.lora.LoraModel(model, config, "default")
         model.logit_scale.requires_grad_(True)  # a documented choice: the temperature keeps training
+        # peft's attention adapter adds its update into the frozen in_proj and out_proj weights for
+        # each forward and subtracts it after (re-registering them as new parameters): the rounding
+        # left behind is undone after every step
+        self.attention_weights = {n: p.detach().clone() for n, p in model.named_parameters()
+                                  if ".attn.base_layer." in n and not p.requires_grad}
         return super().start_phase(model)
+
+    @torch.no_grad()
+    def after_step(self, model, done):
+        for n, p in model.named_parameters():
+            if n in self.attention_weights:
+                p.copy_(self.attention_weights[n])
 
     def loss(self, images, tokens, feats, step):
         from geomlab import kernels
