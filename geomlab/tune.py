@@ -94,8 +94,12 @@ def grid_points(config: dict) -> list[Point]:
         for v in values:
             if allowed is not None and v not in allowed:
                 raise TuneError(f"{key}: {v} is outside the option's range ({strategy}.{knob[0]} must be {allowed})")
+        # an integer option (lora's rank) keeps integer values: its config key refuses a float
+        cast = int if isinstance(config[strategy][knob[0]], int) else float
+        if cast is int and any(v != int(v) for v in values):
+            raise TuneError(f"{key} must be a list of integers, got {values!r}")
         sizes[strategy] = len(values)
-        points += [Point(strategy, knob[0], float(v)) for v in sorted(values)]
+        points += [Point(strategy, knob[0], cast(v)) for v in sorted(values)]
     if min(sizes.values()) < MIN_POINTS or len(set(sizes.values())) > 1:
         raise TuneError(f"tune.grid: every strategy gets the same number of points, at least {MIN_POINTS} "
                         f"(one budget for every method); got {', '.join(f'{s} {n}' for s, n in sizes.items())}")

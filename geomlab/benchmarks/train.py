@@ -5,7 +5,9 @@ ClipLoss, the logit-scale clamp, no checkpoints. geomlab's steps run through the
 `batches` (DataLoader over the strategy's data and step_indices), `train_step` and the strategy's
 `after_step`, in phase 1 of the stream (its start_phase, e.g. EWC's Fisher or the replay buffer's
 update, runs once before timing; end_phase runs once per phase and is not timed). Targets:
-finetune <= 1.15x bare; modx, lwf, der, zscl <= 1.5x finetune; ewc, er, wise <= 1.2x finetune.
+finetune <= 1.15x bare; modx, lwf, der, zscl <= 1.5x finetune; ewc, er, wise <= 1.2x finetune;
+lora, nsp <= 1.3x and cclip <= 1.6x finetune. Each row's start_phase_s is its phase start, timed once
+(nsp: the input covariances and their eigendecompositions).
 The `finetune+trace_every=N` row (`--trace-every`, default 10) is finetune writing a fine trace
 every N steps as the trainer does (Trainer.save_fine_trace, the config's train.trace_size); target
 <= 1.10x finetune, the fine-trace overhead train.trace_size is chosen by.
@@ -34,7 +36,8 @@ from .common import print_table, write_json
 FINE_TRACE_TARGET = 1.10  # fine traces every 10 steps may cost at most 10% of the training time
 TARGETS = {"finetune": ("bare", 1.15), "modx": ("finetune", 1.5), "lwf": ("finetune", 1.5),
            "der": ("finetune", 1.5), "zscl": ("finetune", 1.5), "ewc": ("finetune", 1.2),
-           "er": ("finetune", 1.2), "wise": ("finetune", 1.2)}
+           "er": ("finetune", 1.2), "wise": ("finetune", 1.2), "lora": ("finetune", 1.3),
+           "nsp": ("finetune", 1.3), "cclip": ("finetune", 1.6)}
 
 
 def add_arguments(p) -> None:
@@ -115,11 +118,12 @@ def _variants(trainer, names, trace_every: int = 0):
     from geomlab.train import LOGIT_SCALE_MAX, lr_at, make_optimizer
 
     base_weights = copy.deepcopy(trainer.model.state_dict())
+    pristine = copy.deepcopy(trainer.model)  # lora's start_phase changes its model: each variant copies this
     cfg = trainer.config
     phase = min(1, len(trainer.stream.phases) - 1)
     # the base model zscl distils from: here, the starting weights
     atomic_torch_save(trainer.run.checkpoint_path("base", 0, 0), {"state_dict": base_weights})
-    variants = {}
+    variants, start_seconds = {}, {}
 
     # bare: a hand-written open_clip loop on the same batches
     bare_model = copy.deepcopy(trainer.model).train()
@@ -138,11 +142,12 @@ def _variants(trainer, names, trace_every: int = 0):
             bare_model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
 
     for name in dict.fromkeys(["finetune", *names]):
-        trainer.model.load_state_dict(base_weights)
-        model = copy.deepcopy(trainer.model).train()
+        model = copy.deepcopy(pristine).train()
         trainer.model = model
         strategy = trainer.make_strategy(name, name, phase)
+        t0 = time.perf_counter()
         data = strategy.start_phase(model)
+        start_seconds[name] = time.perf_counter() - t0
         model.train()
         opt = make_optimizer(model, cfg)
 
@@ -162,6 +167,7 @@ def _variants(trainer, names, trace_every: int = 0):
     variants = {"bare": (bare, *variants["finetune"][1:]), **variants}
     if trainer.config["data"]["stream"] != "shapes":
         variants["loader"] = (lambda i, images, tokens: None, *variants["finetune"][1:])  # the DataLoader alone
+    variants["start_phase_s"] = start_seconds
     return variants
 
 
@@ -177,6 +183,7 @@ def run(args) -> int:
         print("geomlab.bench train: error: --trace-every must be >= 0", file=sys.stderr)
         return 2
     variants = _variants(trainer, names, args.trace_every)
+    start_seconds = variants.pop("start_phase_s")
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     blocks = {name: [] for name in variants}
@@ -201,6 +208,8 @@ def run(args) -> int:
                "batch": args.batch_size,
                "threads": torch.get_num_threads(), "images_per_s": 1000 * args.batch_size / ms[name],
                "workers": trainer.config["data"]["num_workers"]}
+        if name in start_seconds:
+            row["start_phase_s"] = start_seconds[name]
         if name in TARGETS:
             ref, target = TARGETS[name]
             row.update({"vs": ref, "ratio": ms[name] / ms[ref], "target": target,
