@@ -10,6 +10,11 @@ table's reference row). A point is resumable like any run: a killed tune, run ag
 finished points and resumes the one it was in. The result: the tuning table (console,
 DIR/tuning.md, DIR/report.html) and the tuned-values file (`--tuned-out`, default DIR/tuned.toml)
 that a study names as `run.tuned` (docs/definitions.md, "Tuning").
+
+`--strategies A,B` tunes those strategies of the grid only (the seed's reference run included), to
+add strategies to a tuning: with a `--tuned-out` file that already exists, its other strategies'
+values, scores and table rows are kept when its validation seeds, criterion and budget are this
+tuning's (else refused), and the file says which tuning chose which strategies.
 """
 from __future__ import annotations
 
@@ -231,19 +236,69 @@ def console_table(results: list[Result], chosen: dict, criterion: str) -> str:
     return "\n".join(lines)
 
 
-def tuned_file(config: dict, config_path: str, results: list[Result], chosen: dict) -> str:
-    """The tuned-values file: the values, then their provenance and the whole tuning table."""
+def only_strategies(points: list[Point], names: str | None) -> list[Point]:
+    """The grid's points of the strategies `names` (comma-separated) names; all with None."""
+    if names is None:
+        return points
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    in_grid = list(dict.fromkeys(p.strategy for p in points))
+    missing = [n for n in wanted if n not in in_grid]
+    if not wanted or missing:
+        raise TuneError(f"--strategies {names!r}: {', '.join(missing) or 'nothing'} not in the grid; "
+                        f"the grid tunes {', '.join(in_grid)}")
+    return [p for p in points if p.strategy in wanted]
+
+
+#: what a tuned file's strategies must share for one file to hold them: the same question asked
+KEPT_PROVENANCE = ("validation_seeds", "criterion", "budget")
+
+
+def kept_from(path: Path, config: dict, points: list[Point]) -> dict | None:
+    """The tuned file at `path` (None when there is none) to keep the strategies of that this tuning
+    does not tune, checked to come from the same validation seeds, criterion and budget."""
+    if not path.exists():
+        return None
+    try:
+        old = tomllib.loads(path.read_text())
+        provenance = old["provenance"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+        raise TuneError(f"--tuned-out {path}: not a tuned-values file to add strategies to ({e})") from None
+    new = tuned_provenance(config)
+    for key in KEPT_PROVENANCE:
+        if provenance.get(key) != new[key]:
+            raise TuneError(f"--tuned-out {path} was tuned with another {key} ({provenance.get(key)!r}, this "
+                            f"tuning {new[key]!r}); write to another file")
+    tuned_now = {p.strategy for p in points}
+    return {"values": {s: v for s, v in old.get("values", {}).items() if s not in tuned_now},
+            "grid": {s: v for s, v in provenance.get("grid", {}).items() if s not in tuned_now},
+            "scores": {s: v for s, v in provenance.get("scores", {}).items() if s not in tuned_now},
+            # this tuning's reference rows stand for the earlier ones (the same runs: seeds and budget)
+            "table": [r for r in old.get("table", []) if r.get("strategy") not in {*tuned_now, REFERENCE}],
+            "tunings": provenance.get("tunings") or [{"written": provenance.get("written"),
+                                                      "strategies": sorted(provenance.get("grid", {}))}]}
+
+
+def tuned_provenance(config: dict) -> dict:
+    tune = config["tune"]
+    return {"validation_seeds": tune["validation_seeds"], "criterion": tune["criterion"],
+            "budget": {k: config["train"][k] for k in ("base_steps", "steps", "epochs", "batch_size", "lr")}}
+
+
+def tuned_file(config: dict, config_path: str, results: list[Result], chosen: dict, kept: dict | None = None) -> str:
+    """The tuned-values file: the values, then their provenance and the whole tuning table; with
+    `kept` (`kept_from`), the earlier file's other strategies too, and which tuning chose what."""
     import tomli_w
     tune = config["tune"]
+    written = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     doc = {
         "values": {s: {c["option"]: c["value"]} for s, c in chosen.items() if c["value"] is not None},
         "provenance": {
-            "experiment": config_path, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "experiment": config_path, "written": written,
             "validation_seeds": tune["validation_seeds"], "criterion": tune["criterion"],
             "criterion_text": f"the mean over the validation seeds of {CRITERIA[tune['criterion']]}; ties go to "
                               "the weaker regulariser",
-            "budget": {k: config["train"][k] for k in ("base_steps", "steps", "epochs", "batch_size", "lr")},
-            "grid": tune["grid"],
+            "budget": tuned_provenance(config)["budget"],
+            "grid": {s: g for s, g in tune["grid"].items() if s in chosen},
             "scores": {s: {f"{v:g}": sc for v, sc in c["scores"].items() if sc is not None} for s, c in chosen.items()},
         },
         "table": [{"strategy": REFERENCE if r.point is None else r.point.strategy,
@@ -252,6 +307,12 @@ def tuned_file(config: dict, config_path: str, results: list[Result], chosen: di
                    **({"error": r.error} if r.error else {}),
                    **{c: r.metrics[c] for c in COLUMNS if r.metrics.get(c) is not None}} for r in results],
     }
+    if kept is not None:
+        doc["values"] = {**kept["values"], **doc["values"]}
+        for key in ("grid", "scores"):
+            doc["provenance"][key] = {**kept[key], **doc["provenance"][key]}
+        doc["provenance"]["tunings"] = [*kept["tunings"], {"written": written, "strategies": sorted(chosen)}]
+        doc["table"] = kept["table"] + doc["table"]
     return ("# Tuned values: written by python -m geomlab.tune; a study names this file as run.tuned.\n"
             "# [values] are applied over the experiment's options; [provenance] and [[table]] say how they were chosen.\n"
             + tomli_w.dumps(doc))
@@ -276,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment TOML with a [tune] section")
     p.add_argument("--out", required=True, help="tuning directory (rerun with the same config to resume)")
     p.add_argument("--tuned-out", dest="tuned_out", help="where to write the tuned-values file (default OUT/tuned.toml)")
+    p.add_argument("--strategies", help="tune only these strategies of the grid (comma-separated); an existing "
+                                        "--tuned-out file keeps the values of the others")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     return p
 
@@ -288,7 +351,9 @@ def main(argv=None) -> int:
         # The values being tuned must not come from an earlier tuning: run.tuned is cleared.
         config = load_config(args.config, [*args.overrides, "run.tuned=''"])
         config["run"].update(seeds=[], tuned="")
-        points = grid_points(config)
+        points = only_strategies(grid_points(config), args.strategies)
+        tuned_out = Path(args.tuned_out) if args.tuned_out else root / "tuned.toml"
+        kept = kept_from(tuned_out, config, points) if args.strategies else None
         check_tune_dir(root, config)
         lock = RunDir(root).lock()
         atomic_write_text(root / "config.toml", dumps(config))
@@ -330,10 +395,9 @@ def main(argv=None) -> int:
             bar.update(1)
         bar.close()
         chosen = select(jobs, points, criterion)
-        tuned_out = Path(args.tuned_out) if args.tuned_out else root / "tuned.toml"
         markdown = table_markdown(jobs, chosen, criterion, seeds)
         atomic_write_text(root / "tuning.md", "# Tuning table\n\n" + markdown)
-        atomic_write_text(tuned_out, tuned_file(config, args.config, jobs, chosen))
+        atomic_write_text(tuned_out, tuned_file(config, args.config, jobs, chosen, kept))
         from geomlab.figures.tuning import write_tuning_report
         report = write_tuning_report(jobs, chosen, config, root / "report.html")
     except (RunDirError, WriteError) as e:

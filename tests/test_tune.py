@@ -103,10 +103,13 @@ def _table(path: Path) -> list[dict]:
     return tomllib.loads(path.read_text())["table"]
 
 
+ER = "[tune.grid.er]\nreplay_fraction = [0.125, 0.25, 0.5, 0.75]\n"
+
+
 def test_tune_resumes_after_sigkill_without_rerunning_finished_points(tmp_path):
-    config = write_config(tmp_path, WISE)
+    config = write_config(tmp_path, WISE + ER)
     whole = tmp_path / "whole"
-    assert tune.main([str(config), "--out", str(whole)]) == 0
+    assert tune.main([str(config), "--out", str(whole), "--strategies", "wise"]) == 0
     expected = _table(whole / "tuned.toml")
     tuned = tomllib.loads((whole / "tuned.toml").read_text())
     # the choice equals the table's best mean Last (one seed), ties to the larger α
@@ -116,9 +119,28 @@ def test_tune_resumes_after_sigkill_without_rerunning_finished_points(tmp_path):
     assert tuned["provenance"]["validation_seeds"] == [100] and tuned["provenance"]["criterion"] == "last"
     assert (whole / "tuning.md").read_text().count("| wise |") == 5  # four points and the selection row
     assert "plotly" in (whole / "report.html").read_text()
+    assert not (whole / "seed100" / "er-replay_fraction=0.5").exists()
+
+    # a strategy added to the tuning: its points only, the file keeps wise's value and rows
+    wise_tuned = (whole / "tuned.toml").read_text()
+    assert tune.main([str(config), "--out", str(whole), "--strategies", "er",
+                      "--tuned-out", str(whole / "tuned.toml")]) == 0
+    merged = tomllib.loads((whole / "tuned.toml").read_text())
+    assert merged["values"]["wise"] == tuned["values"]["wise"] and "replay_fraction" in merged["values"]["er"]
+    assert [t["strategies"] for t in merged["provenance"]["tunings"]] == [["wise"], ["er"]]
+    assert set(merged["provenance"]["grid"]) == {"wise", "er"}
+    rows = [(r["strategy"], r["value"], r["last"]) for r in merged["table"]]
+    assert sorted(r for r in rows if r[0] == "wise") == sorted((r["strategy"], r["value"], r["last"])
+                                                              for r in expected if r["strategy"] == "wise")
+    assert sum(r[0] == "er" for r in rows) == 4 and sum(r[0] == "finetune" for r in rows) == 1
+    # a file tuned under another budget is refused before anything runs
+    (tmp_path / "other_budget.toml").write_text(wise_tuned.replace("steps = 3", "steps = 30"))
+    assert tune.main([str(config), "--out", str(whole), "--strategies", "er",
+                      "--tuned-out", str(tmp_path / "other_budget.toml")]) == 2
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "geomlab.tune", str(config), "--out", str(cut)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "geomlab.tune", str(config), "--out", str(cut), "--strategies",
+                             "wise"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = cut / "seed100" / "wise-alpha=0.5"
     deadline = time.time() + 240
@@ -130,7 +152,8 @@ def test_tune_resumes_after_sigkill_without_rerunning_finished_points(tmp_path):
     before = {p: p.stat().st_mtime_ns for d in done for p in d.rglob("*") if p.name != "train.lock"}
     assert any(p.suffix == ".pt" for p in before)
 
-    resumed = subprocess.run([sys.executable, "-m", "geomlab.tune", str(config), "--out", str(cut)], cwd=ROOT,
+    resumed = subprocess.run([sys.executable, "-m", "geomlab.tune", str(config), "--out", str(cut), "--strategies",
+                              "wise"], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     after = {p: p.stat().st_mtime_ns for p in before}
@@ -140,7 +163,7 @@ def test_tune_resumes_after_sigkill_without_rerunning_finished_points(tmp_path):
         [(r["strategy"], r["value"], r["last"], r["avg"]) for r in expected]
 
     # the same directory with another grid is refused, untouched
-    other = write_config(tmp_path, "[tune.grid.wise]\nalpha = [0.1, 0.5, 0.8, 1.0]\n", "other.toml")
+    other = write_config(tmp_path, "[tune.grid.wise]\nalpha = [0.1, 0.5, 0.8, 1.0]\n" + ER, "other.toml")
     snap = {p: p.stat().st_mtime_ns for p in cut.rglob("*")}
     r = subprocess.run([sys.executable, "-m", "geomlab.tune", str(other), "--out", str(cut)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
