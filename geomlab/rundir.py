@@ -415,8 +415,11 @@ class RunDir:
                 raise RunDirError(f"{stored} is not a readable config ({e}); choose another --out") from None
             new = tomllib.loads(config_text)
             diffs = config_differences(old, new)
+            # a strategy a resume adds comes with its own options (its section): nothing of it trained yet
+            added = (set(_dotted(new, "run.strategies")) - set(_dotted(old, "run.strategies"))
+                     if resume and _adds_strategies(old, new) else set())
             fixed = [k for k in diffs if k not in RESUME_MAY_CHANGE and not (
-                k == "run.strategies" and resume and _adds_strategies(old, new))]
+                k == "run.strategies" and added) and k.split(".")[0] not in added]
             if fixed:
                 key = fixed[0]
                 if key == "run.strategies" and resume:

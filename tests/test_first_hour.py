@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -88,10 +89,13 @@ def test_ctrl_c_stops_cleanly_and_a_resume_from_the_runs_own_config_matches(tmp_
 
     # adding a strategy trains only it, from the shared base; the base's files are untouched
     before = mtimes(cut / "base")
-    added = cli("--out", str(cut), "--resume", "--strategies", "finetune,wise")
+    added = cli("--out", str(cut), "--resume", "--strategies", "finetune,wise", "wise.alpha=0.8")  # with its options
     assert added.returncode == 0, added.stderr[-2000:]
     assert mtimes(cut / "base") == before
     assert (cut / "wise" / "checkpoints" / "phase1_step000024.pt").is_file()
+    assert tomllib.loads((cut / "config.toml").read_text())["wise"]["alpha"] == 0.8
+    assert train.main(["--out", str(cut), "--resume", "wise.alpha=0.3"]) == 2  # once trained, they are fixed
+    assert "'wise.alpha'" in capsys.readouterr().err
     assert train.main(["--out", str(cut), "--resume", "--strategies", "wise"]) == 2
     err = capsys.readouterr().err
     assert "not remove" in err and "finetune" in err, err
