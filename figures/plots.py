@@ -317,31 +317,35 @@ def sphere(a: dict, strategy: str | None = None) -> go.Figure:
     samples = a["sphere"]["samples"]
     domains = a["domains"]
     labels = _labels(s)
-    fig = go.Figure([_sphere_mesh()])
     per = 2 * len(domains)  # traces per checkpoint: one per (probe set, modality)
+    traces = []
     for k, pts in enumerate(s["sphere"]):
         for di, d in enumerate(domains):
             caps = samples[d].get("captions")
             hover = [esc(caps[i] if caps else f"id {samples[d]['ids'][i]}") for i in range(len(pts[d]["image"]))]
             for mod, symbol in (("image", "circle"), ("text", "diamond")):
                 xyz = pts[d][mod]
-                fig.add_trace(go.Scatter3d(
-                    x=[p[0] for p in xyz], y=[p[1] for p in xyz], z=[p[2] for p in xyz], mode="markers",
-                    name=mod, legendgroup=esc(d), legendgrouptitle_text=f"probe set {esc(d)}", visible=k == 0,
-                    marker=dict(size=3 if mod == "image" else 2.5, color=PALETTE[di % len(PALETTE)], symbol=symbol,
-                                opacity=0.85),
+                traces.append(dict(
+                    type="scatter3d", x=[p[0] for p in xyz], y=[p[1] for p in xyz], z=[p[2] for p in xyz],
+                    mode="markers", name=mod, legendgroup=esc(d), legendgrouptitle=dict(text=f"probe set {esc(d)}"),
+                    visible=k == 0, marker=dict(size=3 if mod == "image" else 2.5, color=PALETTE[di % len(PALETTE)],
+                                                symbol=symbol, opacity=0.85),
                     hovertext=[f"{esc(d)} · {mod}<br>{c}" for c in hover], hoverinfo="text"))
     n = len(s["sphere"])
     steps = []
     for k in range(n):
         vis = [True] + [kk == k for kk in range(n) for _ in range(per)]
         steps.append(dict(method="restyle", args=[{"visible": vis}], label=labels[k]))
-    fig.update_layout(sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="checkpoint: "), pad=dict(t=30))],
-                      scene=dict(aspectmode="cube", xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
-                      legend=dict(title_text="colour: probe set · ● image ◆ text", groupclick="togglegroup",
-                                  itemsizing="constant"),
-                      height=620, template="plotly_white", margin=dict(l=0, r=0, t=60, b=0),
-                      title=f"{esc(name)}: probe embeddings on the sphere (PCA fitted at {esc(a['sphere']['fit_at'])})")
+    layout = go.Layout(sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="checkpoint: "), pad=dict(t=30))],
+                       scene=dict(aspectmode="cube", xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
+                       legend=dict(title_text="colour: probe set · ● image ◆ text", groupclick="togglegroup",
+                                   itemsizing="constant"),
+                       height=620, template="plotly_white", margin=dict(l=0, r=0, t=60, b=0),
+                       title=f"{esc(name)}: probe embeddings on the sphere (PCA fitted at {esc(a['sphere']['fit_at'])})")
+    # Hundreds of 3-D traces (checkpoints × probe sets × modalities): plotly's check of every
+    # property of every point list took a quarter of an analysis; the traces are built from fixed,
+    # known-good properties (the layout above is checked), so the figure takes them unchecked.
+    fig = go.Figure([_sphere_mesh(), *traces], layout=layout, _validate=False)
     return fig
 
 
