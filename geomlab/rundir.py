@@ -418,8 +418,9 @@ class RunDir:
             # a strategy a resume adds comes with its own options (its section): nothing of it trained yet
             added = (set(_dotted(new, "run.strategies")) - set(_dotted(old, "run.strategies"))
                      if resume and _adds_strategies(old, new) else set())
+            # [tune] says how `python -m geomlab.tune` searches; nothing a run trains reads it
             fixed = [k for k in diffs if k not in RESUME_MAY_CHANGE and not (
-                k == "run.strategies" and added) and k.split(".")[0] not in added]
+                k == "run.strategies" and added) and k.split(".")[0] not in {*added, "tune"}]
             if fixed:
                 key = fixed[0]
                 if key == "run.strategies" and resume:

@@ -219,3 +219,19 @@ def test_the_study_takes_the_committed_tuned_values_on_seeds_tuning_never_saw():
         means = {v: sum(r["last"] for r in mine if r["value"] == v) / len(tuned["provenance"]["validation_seeds"])
                  for v in {r["value"] for r in mine}}
         assert means[next(iter(values.values()))] == pytest.approx(max(means.values()), abs=1e-12)
+
+
+def test_a_resume_may_change_the_tune_section_and_add_a_strategy_with_its_options(tmp_path):
+    from geomlab.config import dumps
+    from geomlab.rundir import RunDir, RunDirError
+    config = load_config(write_config(tmp_path, WISE), ["run.strategies=finetune"])
+    run = RunDir(tmp_path / "run")
+    run.create(dumps(config))
+    (tmp_path / "run" / "finetune" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "finetune" / "checkpoints" / "phase0_step000004.pt").write_bytes(b"")  # it has trained
+    later = load_config(write_config(tmp_path, WISE + ER, "later.toml"), ["run.strategies=finetune,er",
+                                                                          "er.replay_fraction=0.3"])
+    assert set(run.check(later, dumps(later), resume=True)) == {"run.strategies", "tune.grid.er", "er.replay_fraction"}
+    changed = load_config(write_config(tmp_path, WISE, "changed.toml"), ["run.strategies=finetune", "train.steps=9"])
+    with pytest.raises(RunDirError, match="train.steps"):
+        run.check(changed, dumps(changed), resume=True)
