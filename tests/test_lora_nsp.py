@@ -7,7 +7,6 @@ step and a small threshold keeps the earlier inputs' outputs; the three resume a
 run under torchrun as on one process; bad options are refused in one line."""
 import copy
 import json
-import os
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from geomlab.strategies.cclip import ckc_loss
 from geomlab.strategies.nsp import COVARIANCE_ORDER, projected_layers, record_inputs
 
 from test_strategies import ROOT, assert_same_weights, kill_inside, run_cli, train_steps
+from test_train import one_process_and_torchrun
 
 SMALL = ["data.probe_size=8", "data.calibration_size=8", "data.shapes.domains=3", "data.shapes.train_size=32",
          "train.batch_size=16", "data.shapes.reference_size=40"]
@@ -231,13 +231,7 @@ def test_torchrun_two_ranks_follows_the_single_process_run_for_lora_cclip_nsp(tm
     args = ["--strategies", "lora,cclip,nsp", "data.probe_size=4", "data.calibration_size=4", "data.shapes.domains=2",
             "data.shapes.train_size=32", "train.batch_size=16", "train.base_steps=2", "train.steps=3",
             "nsp.batches=1", "lora.dropout=0.0", "cclip.dropout=0.0", "nsp.threshold=0.05"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli("--out", str(one), *args).returncode == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "geomlab.train", "--out", str(two), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert dist.returncode == 0, dist.stderr[-3000:]
+    one, two = one_process_and_torchrun(tmp_path, args)
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
     for name in ("phase1.safetensors",):  # the covariance summed over the ranks' shares
         from safetensors.torch import load_file

@@ -142,13 +142,9 @@ def test_resume_after_sigkill_mid_phase_matches_uninterrupted(tmp_path):
     assert train_steps == sorted(set(train_steps)) and len(train_steps) == 48
 
 
-def test_torchrun_two_ranks_follows_the_single_process_run(tmp_path):
-    """Data-parallel (gloo, 2 ranks) computes the full-batch gradient: its weights track the
-    single-process run's, to float noise, over base, Mod-X and ZSCL phases (ZSCL's 16 reference rows
-    after the 16 phase rows: one rank holds phase rows only, the other reference rows only)."""
-    args = ["--strategies", "modx,zscl", "data.probe_size=16", "data.shapes.domains=2", "data.shapes.train_size=64",
-            "train.batch_size=16", "train.base_steps=4", "train.steps=4", "train.checkpoint_every=0",
-            "data.shapes.reference_size=32", "data.shapes.reference_texts=64", "data.calibration_size=8"]
+def one_process_and_torchrun(tmp_path: Path, args: list) -> tuple[Path, Path]:
+    """The run of `args` on one process (tmp_path/one) and under torchrun on 2 ranks, gloo, one
+    thread each (tmp_path/two); both must succeed."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_cli("--out", str(one), *args).returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -156,6 +152,17 @@ def test_torchrun_two_ranks_follows_the_single_process_run(tmp_path):
                            "-m", "geomlab.train", "--out", str(two), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=env)
     assert dist.returncode == 0, dist.stderr[-3000:]
+    return one, two
+
+
+def test_torchrun_two_ranks_follows_the_single_process_run(tmp_path):
+    """Data-parallel (gloo, 2 ranks) computes the full-batch gradient: its weights track the
+    single-process run's, to float noise, over base, Mod-X and ZSCL phases (ZSCL's 16 reference rows
+    after the 16 phase rows: one rank holds phase rows only, the other reference rows only)."""
+    args = ["--strategies", "modx,zscl", "data.probe_size=16", "data.shapes.domains=2", "data.shapes.train_size=64",
+            "train.batch_size=16", "train.base_steps=4", "train.steps=4", "train.checkpoint_every=0",
+            "data.shapes.reference_size=32", "data.shapes.reference_texts=64", "data.calibration_size=8"]
+    one, two = one_process_and_torchrun(tmp_path, args)
     info = json.loads((two / "run.json").read_text())
     assert info["world_size"] == 2 and info["completed"] == {"base": [0], "modx": [1], "zscl": [1]}
     base = load_checkpoint(one / "base" / "checkpoints" / "phase0_step000004.pt")["state_dict"]
