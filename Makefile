@@ -16,13 +16,13 @@ demo: $(STAMP)
 	$(PY) -m geomlab.analyze runs/demo
 
 # Each strategy's strength chosen on the validation seeds (100, 101): writes experiments/tuned/shapes_5phase.toml
-# (the committed file is the one the study uses). 58 runs: 1 h 22 min on this 2-core machine (not idle throughout); rerun to resume.
+# (the committed file is the one the study uses). 82 runs: 2 seeds x (the finetune reference + 10 strategies
+# x 4 points), each point without fine traces; rerun to resume.
 tune: $(STAMP)
 	$(PY) -m geomlab.tune experiments/shapes_baselines.toml --out runs/tune --tuned-out experiments/tuned/shapes_5phase.toml
 
 # Every strategy on the test seeds 0-4 with the tuned values: the baseline comparison with confidence
-# intervals (45 runs and 5 base models: 1 h 09 min measured on this 2-core machine with other work beside it,
-# about 48 min alone: 8.3 min a seed, then 6 min of analysis).
+# intervals (60 runs and 5 base models: 55 min 52 s measured on this 2-core machine with other work beside it).
 study: $(STAMP)
 	$(PY) -m geomlab.train --config experiments/shapes_baselines.toml --out runs/study --resume
 	$(PY) -m geomlab.analyze runs/study
