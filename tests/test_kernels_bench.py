@@ -33,3 +33,16 @@ def test_data_kinds_reach_their_median_rank():
             got = median_rank(*probe_pair(kind, n, d))
             want = n / 2 if target is None else target * n if 0 < target < 1 else target
             assert (got == 0) if want == 0 else (want / 1.5 <= got <= want * 1.5), (n, d, kind, got)
+
+
+def test_every_bench_command_answers_help(capsys):
+    """--help of each bench command prints its options (a % in a help string, as in "rank1%", once made
+    argparse raise instead)."""
+    import pytest
+
+    from geomlab import bench
+    for command in ("kernels", "train", "analyze", "gpu"):
+        with pytest.raises(SystemExit) as stop:
+            bench.main([command, "--help"])
+        assert stop.value.code == 0, command
+        assert "usage:" in capsys.readouterr().out

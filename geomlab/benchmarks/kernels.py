@@ -84,7 +84,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--targets", default="topk-50k,ranks-200k",
                         help="named target rows to run ('none' for none)")
     parser.add_argument("--data", default=None,
-                        help="data kinds of topk and ranks, a subset of " + ",".join(DATA_KINDS) + " (default: all)")
+                        help="data kinds of topk and ranks, a subset of " + ",".join(DATA_KINDS).replace("%", "%%")
+                        + " (default: all)")  # (argparse formats help with %: rank1% would break --help)
     parser.add_argument("--max-gflop", type=float, default=None,
                         help="skip cases estimated above this work (default: 3000 on CPU, no limit on CUDA)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (B=256, d=64, no compile, no targets)")
