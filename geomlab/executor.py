@@ -149,7 +149,7 @@ class _Progress:
         now = time.monotonic()
         if step == total or now - self.last >= PROGRESS_EVERY:
             self.last = now
-            self.write({"dir": strategy_dir, "phase": phase, "step": step, "total": total})
+            self.write({"dir": strategy_dir, "phase": phase, "step": step, "total": total, "time": time.time()})
 
 
 def _error_line(text: str, status: int) -> str:
@@ -172,7 +172,8 @@ def _work(work: Callable, kwargs: dict, log: str, progress: str, threads: int) -
     import torch
 
     torch.set_num_threads(max(1, int(threads)))  # the job's share of its node's CPUs
-    reporter = _Progress(Path(progress), {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()})
+    reporter = _Progress(Path(progress), {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                                          "started": time.time()})
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
@@ -247,10 +248,10 @@ def check_storage(ray, folder: Path, cpus: float) -> str | None:
     return None
 
 
-def run_jobs(jobs: list[Job], options: Options, root: Path, prog: str) -> int:
+def run_jobs(jobs: list[Job], options: Options, root: Path, prog: str, again: str) -> int:
     """Run `jobs` on Ray (joining options.address, else on a local Ray started and stopped here);
-    their table on stdout. 0 when every job is done, 130 when stopped by SIGINT/SIGTERM, 2 when the
-    cluster cannot be used, else 1."""
+    their table on stdout. 0 when every job is done, 130 when stopped by SIGINT/SIGTERM (`again`
+    says how to continue), 2 when the cluster cannot be used, else 1."""
     from geomlab.rundir import JOBS
     ray = require_ray(prog)
     root = Path(root).resolve()
@@ -277,8 +278,8 @@ def run_jobs(jobs: list[Job], options: Options, root: Path, prog: str) -> int:
             ray.shutdown()
     print(table(jobs))
     if status == 130:
-        print(f"{prog}: interrupted: every job saved what --resume needs; rerun the same command to continue "
-              "(finished jobs are skipped)", file=sys.stderr)
+        print(f"{prog}: interrupted: every job saved what --resume needs; {again} (finished jobs are skipped)",
+              file=sys.stderr)
     return status
 
 

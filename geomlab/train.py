@@ -849,7 +849,7 @@ def main(argv=None) -> int:
         if args.executor == "ray":  # every job on a Ray cluster; this process schedules and reports
             from geomlab.executor import Options, run_jobs, train_jobs
             return run_jobs(train_jobs(runs, root, changes, " ".join(sys.argv), args.report_to),
-                            Options.of(args), root.root, "geomlab.train")
+                            Options.of(args), root.root, "geomlab.train", "continue with the same command and --resume")
         with StopRequest() as stop:
             for k, (one, run) in enumerate(runs):
                 if k:  # each seed its own base model, from its own initial weights

@@ -216,7 +216,7 @@ def tune_jobs(config: dict, root: Path, points: list[Point], command: str) -> li
 def ray_results(config: dict, root: Path, points: list[Point], results: list[Result], options) -> int:
     """Train the tuning's runs as jobs (tune_jobs) and fill `results` from them; run_jobs' status."""
     jobs = tune_jobs(config, root, points, " ".join(sys.argv))
-    status = executor.run_jobs(jobs, options, root, "geomlab.tune")
+    status = executor.run_jobs(jobs, options, root, "geomlab.tune", "rerun the same command to continue")
     by_name = {j.name: j for j in jobs}
     for r in results:
         job = by_name[f"{seed_dir(r.seed)}/{REFERENCE if r.point is None else r.point.label}"]
