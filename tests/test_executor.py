@@ -46,6 +46,16 @@ def cluster():
     c.add_node(num_cpus=1)
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False, logging_level=logging.WARNING)
+    # Each node's worker loads the trainer once, at the same time: the first strategy jobs of one
+    # seed then start together (a worker that must first load torch starts seconds behind)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def load_trainer():  # (defined here: sent by value, the workers cannot import this test module)
+        import geomlab.train  # noqa: F401
+
+    load = ray.remote(num_cpus=1)(load_trainer)
+    ray.get([load.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+             for n in ray.nodes() if n["Alive"]])
     yield c
     ray.shutdown()
     c.shutdown()
@@ -193,7 +203,41 @@ def test_options_are_refused_without_ray_or_with_torchrun(tmp_path, capsys, monk
     assert not (tmp_path / "o").exists()
 
 
-def test_a_study_on_two_nodes_equals_the_sequential_one_despite_a_killed_worker(cluster, sequential, tmp_path,
+def test_a_seeds_strategies_run_side_by_side_and_a_lost_node_is_retried(sequential, cluster, tmp_path, capsys):
+    """One seed, two strategies: once the base model is trained, its two strategy jobs take the two
+    nodes at once (each updating the seed's run.json); the worker node is removed mid-phase."""
+    out = tmp_path / "lost"
+    worker = cluster.worker_nodes.copy().pop()
+
+    def side_by_side():
+        mid = {p["job"] for p in progress(out) if p.get("phase") == 1 and p["step"] < p["total"]}
+        return True if {"finetune", "joint"} <= mid else None
+
+    def on_worker():  # the strategy job on the worker node, mid-phase with its state saved
+        return next((p for p in progress(out) if p["node"] == worker.node_id and p.get("phase") == 1
+                     and (out / p["dir"] / "state.pt").exists()), None)
+
+    both, seen = watch(side_by_side, lambda found: found)
+    watcher, lost = watch(on_worker, lambda p: (lose(cluster, worker), p["job"])[1])
+    try:
+        status = train.main(["--out", str(out), "--executor", "ray", "--strategies", "finetune,joint", *ARGS])
+        watcher.join()
+    finally:
+        cluster.add_node(num_cpus=1)  # for the tests after this one
+        cluster.wait_for_nodes()
+    captured = capsys.readouterr()
+    assert status == 0 and lost, captured.err[-3000:]
+    both.join(timeout=0)
+    assert seen, "the seed's two strategy jobs were not seen running side by side"
+    table = rows(captured.out)
+    assert table[lost[0]][:2] == ("done", 1) and all(s == "done" for s, _, _ in table.values()), table
+    seq = sequential.wait() / "seed0"
+    assert_same_weights(seq, out, ("finetune", "joint"))
+    a, b = (json.loads((d / "run.json").read_text()) for d in (seq, out))
+    assert {k: v for k, v in a.items() if k != "command"} == {k: v for k, v in b.items() if k != "command"}
+
+
+def test_a_study_on_two_nodes_equals_the_sequential_one_despite_a_killed_worker(sequential, cluster, tmp_path,
                                                                                  capsys):
     out = tmp_path / "ray"
 
@@ -230,41 +274,7 @@ def test_a_study_on_two_nodes_equals_the_sequential_one_despite_a_killed_worker(
     assert studies[0]["seeds"] == studies[1]["seeds"]
 
 
-def test_a_seeds_strategies_run_side_by_side_and_a_lost_node_is_retried(cluster, sequential, tmp_path, capsys):
-    """One seed, two strategies: once the base model is trained, its two strategy jobs take the two
-    nodes at once (each updating the seed's run.json); the worker node is removed mid-phase."""
-    out = tmp_path / "lost"
-    worker = cluster.worker_nodes.copy().pop()
-
-    def side_by_side():
-        mid = {p["job"] for p in progress(out) if p.get("phase") == 1 and p["step"] < p["total"]}
-        return True if {"finetune", "joint"} <= mid else None
-
-    def on_worker():  # the strategy job on the worker node, mid-phase with its state saved
-        return next((p for p in progress(out) if p["node"] == worker.node_id and p.get("phase") == 1
-                     and (out / p["dir"] / "state.pt").exists()), None)
-
-    both, seen = watch(side_by_side, lambda found: found)
-    watcher, lost = watch(on_worker, lambda p: (lose(cluster, worker), p["job"])[1])
-    try:
-        status = train.main(["--out", str(out), "--executor", "ray", "--strategies", "finetune,joint", *ARGS])
-        watcher.join()
-    finally:
-        cluster.add_node(num_cpus=1)  # for the tests after this one
-        cluster.wait_for_nodes()
-    captured = capsys.readouterr()
-    assert status == 0 and lost, captured.err[-3000:]
-    both.join(timeout=0)
-    assert seen, "the seed's two strategy jobs were not seen running side by side"
-    table = rows(captured.out)
-    assert table[lost[0]][:2] == ("done", 1) and all(s == "done" for s, _, _ in table.values()), table
-    seq = sequential.wait() / "seed0"
-    assert_same_weights(seq, out, ("finetune", "joint"))
-    a, b = (json.loads((d / "run.json").read_text()) for d in (seq, out))
-    assert {k: v for k, v in a.items() if k != "command"} == {k: v for k, v in b.items() if k != "command"}
-
-
-def test_sigterm_leaves_every_run_resumable_and_reruns_train_only_what_is_left(cluster, sequential, tmp_path,
+def test_sigterm_leaves_every_run_resumable_and_reruns_train_only_what_is_left(sequential, cluster, tmp_path,
                                                                               capsys):
     out = tmp_path / "cut"
     args = ["--out", str(out), "--executor", "ray", "--strategies", "finetune,joint", *ARGS]
@@ -292,7 +302,7 @@ def test_sigterm_leaves_every_run_resumable_and_reruns_train_only_what_is_left(c
     assert_same_weights(sequential.wait() / "seed0", out, ("finetune", "joint"))
 
 
-def test_a_tunes_points_are_jobs_a_diverging_one_fails_alone_and_retries_run_out(cluster, sequential, tmp_path,
+def test_a_tunes_points_are_jobs_a_diverging_one_fails_alone_and_retries_run_out(sequential, cluster, tmp_path,
                                                                                   capsys):
     config = tmp_path / "tune.toml"
     # modx.alpha = 1e39 is infinite in float32: that point's loss is not finite at its first step (exit 3)
