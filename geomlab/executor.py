@@ -117,17 +117,19 @@ def train_jobs(runs, root, changes: list[dict], command: str, report_to: str | N
     from geomlab import train
     from geomlab.rundir import JOBS
     jobs = []
+    top = root.root.resolve()  # (paths as every node names them)
     for (config, run), changed in zip(runs, changes):
         prefix = "" if run.root == root.root else f"{run.root.name}/"
         phases = len(run.run_json().get("phases") or [])
-        common = dict(config=config, out=str(run.root), command=command, root=str(root.root), report_to=report_to)
-        base = Job(f"{prefix}base", train.run_job, {**common, "job": "base"}, root.root / JOBS / f"{prefix}base.log",
+        common = dict(config=config, out=str(run.root.resolve()), command=command, root=str(top),
+                      report_to=report_to)
+        base = Job(f"{prefix}base", train.run_job, {**common, "job": "base"}, top / JOBS / f"{prefix}base.log",
                    finished=run.is_complete("base", 0) and not changed)
         jobs.append(base)
         for s in config["run"]["strategies"]:
             done = phases > 1 and all(run.is_complete(s, p) for p in range(1, phases))
-            jobs.append(Job(f"{prefix}{s}", train.run_job, {**common, "job": s},
-                            root.root / JOBS / f"{prefix}{s}.log", after=(base.name,), finished=done))
+            jobs.append(Job(f"{prefix}{s}", train.run_job, {**common, "job": s}, top / JOBS / f"{prefix}{s}.log",
+                            after=(base.name,), finished=done))
     return jobs
 
 
@@ -161,13 +163,17 @@ def _error_line(text: str, status: int) -> str:
     return lines[-1] if status == 130 and lines else f"exit status {status}"
 
 
-def _work(work: Callable, kwargs: dict, log: str, progress: str, threads: int) -> dict:
+def _work(work: Callable, kwargs: dict, log: str, progress: str, threads: int, cwd: str) -> dict:
     """A job, run in the Ray worker process itself: workers are reused, so torch and open_clip load
     once per worker rather than once per job (6-8 s each on a 2-core machine), while each job still
     has a process of its own for as long as it runs. A lost worker is a Ray system error, which the
     driver retries; the trainer's own failure is its exit status, returned here and never retried.
     The trainer's SIGINT handler runs here too: ray.cancel delivers SIGINT to the task, so a stopped
-    study leaves every job's state saved for --resume."""
+    study leaves every job's state saved for --resume. (Ray's default gives a task that holds a GPU
+    a fresh worker each time, which also returns the GPU's memory.)
+
+    It runs in the driver's working directory when this node has it: a config's relative paths
+    (model.pretrained, a dataset) then mean what they mean to the driver."""
     import ray
     import torch
 
@@ -176,15 +182,20 @@ def _work(work: Callable, kwargs: dict, log: str, progress: str, threads: int) -
                                           "started": time.time()})
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
+    here = os.getcwd()
     with open(log, "a") as f:
         start = f.tell()
         with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             try:
+                if os.path.isdir(cwd):
+                    os.chdir(cwd)
                 status = work(**kwargs, progress=reporter)
             except Exception as e:  # noqa: BLE001 - a bug, not a lost worker: reported, never retried
                 import traceback
                 traceback.print_exc()
                 return {"status": 1, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                os.chdir(here)
     with open(log) as f:
         f.seek(start)
         output = f.read()
@@ -223,9 +234,9 @@ class _StopRequest:
         return False
 
 
-def check_storage(ray, folder: Path, cpus: float) -> str | None:
-    """None when every node that could run a job reads the marker this driver writes in `folder`;
-    else the refusal, naming the run directory and the first node that cannot see it."""
+def check_storage(ray, folder: Path, nodes: list[dict]) -> str | None:
+    """None when each of `nodes` (those that could run a job) reads the marker this driver writes in
+    `folder`; else the refusal, naming the run directory and the first node that cannot see it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from geomlab.io import atomic_write_text
@@ -233,11 +244,14 @@ def check_storage(ray, folder: Path, cpus: float) -> str | None:
     marker = folder / "storage-check"
     atomic_write_text(marker, token)
     try:
-        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= cpus]
         read = ray.remote(_read_marker)
         refs = [read.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(str(marker)) for n in nodes]
-        for node, seen in zip(nodes, ray.get(refs, timeout=300)):
+        for node, ref in zip(nodes, refs):
+            try:
+                seen = ray.get(ref, timeout=300)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                seen = f"! the check did not finish: {type(e).__name__}"
             if seen != token:
                 why = seen[2:] if seen.startswith("! ") else "another file is there"
                 return (f"{folder.parent} is not visible from Ray node {node['NodeManagerAddress']} "
@@ -255,6 +269,11 @@ def run_jobs(jobs: list[Job], options: Options, root: Path, prog: str, again: st
     from geomlab.rundir import JOBS
     ray = require_ray(prog)
     root = Path(root).resolve()
+    if all(j.finished for j in jobs):  # a rerun of a finished study: nothing to start Ray for
+        for j in jobs:
+            j.status = "done"
+        print(table(jobs))
+        return 0
     joined = ray.is_initialized()  # a notebook's or a test's connection: used, and left open
     if not joined:
         try:
@@ -266,11 +285,20 @@ def run_jobs(jobs: list[Job], options: Options, root: Path, prog: str, again: st
             print(f"{prog}: error: --address {options.address}: cannot join the Ray cluster ({e})", file=sys.stderr)
             return 2
     try:
-        refused = check_storage(ray, root / JOBS, options.cpus)
+        gpus = options.gpus if options.gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        nodes = [n for n in alive if n["Resources"].get("CPU", 0) >= options.cpus
+                 and n["Resources"].get("GPU", 0) >= gpus]
+        if not nodes:  # Ray would wait for such a node for ever
+            most = max(alive, key=lambda n: (n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)))["Resources"]
+            print(f"{prog}: error: --cpus-per-run {options.cpus:g} --gpus-per-run {gpus:g}: no node of the cluster "
+                  f"has that much (the largest: {most.get('CPU', 0):g} CPUs, {most.get('GPU', 0):g} GPUs)",
+                  file=sys.stderr)
+            return 2
+        refused = check_storage(ray, root / JOBS, nodes)
         if refused:
             print(f"{prog}: error: {refused}", file=sys.stderr)
             return 2
-        gpus = options.gpus if options.gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
         task = ray.remote(_work).options(num_cpus=options.cpus, num_gpus=gpus, max_retries=0)
         status = _schedule(ray, task, jobs, options, root / JOBS)
     finally:
@@ -299,11 +327,11 @@ def _schedule(ray, task, jobs: list[Job], options: Options, folder: Path) -> int
         path = _progress_path(folder, j)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)  # it appears again when the job starts: queued until then
-        j.ref = task.remote(j.work, j.kwargs, str(j.log), str(path), options.cpus)
+        j.ref = task.remote(j.work, j.kwargs, str(j.log), str(path), options.cpus, os.getcwd())
         running[j.ref] = j
 
     bar = tqdm(total=len(jobs), unit="job", dynamic_ncols=True, mininterval=0.5, bar_format="[{elapsed}] {desc}",
-               file=sys.stderr)
+               file=sys.stderr, desc=f"jobs: {sum(not j.finished for j in jobs)} queued")
     cancelled = False
     with _StopRequest() as stop:
         while True:

@@ -194,7 +194,7 @@ def tune_jobs(config: dict, root: Path, points: list[Point], command: str) -> li
     then its finetune phases and every grid point, side by side (each point's base is the seed's)."""
     from geomlab import train
     from geomlab.executor import Job
-    jobs = []
+    jobs, root = [], root.resolve()  # (paths as every node names them)
     for seed in config["tune"]["validation_seeds"]:
         seed_root, name = root / seed_dir(seed), seed_dir(seed)
         reference, one = RunDir(seed_root / REFERENCE), point_config(config, seed, None)
