@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import uuid
@@ -105,10 +104,6 @@ class Job:
     retries: int = 0
     ref: object = field(default=None, repr=False)
 
-    @property
-    def settled(self) -> bool:
-        return self.status in ("done", "failed", "stopped")
-
 
 def train_jobs(runs, root, changes: list[dict], command: str, report_to: str | None) -> list[Job]:
     """The jobs of python -m geomlab.train: per seed's run, its base model, then each strategy.
@@ -154,8 +149,9 @@ class _Progress:
             self.write({"dir": strategy_dir, "phase": phase, "step": step, "total": total, "time": time.time()})
 
 
-def _error_line(text: str, status: int) -> str:
-    """The error a job's output ends with: its last "error:" line, else its last line."""
+def error_line(text: str, status: int) -> str:
+    """The error a trainer's output (exit `status`) ends with: its last "error:" line; else its
+    last line when it was stopped (130), else the status."""
     lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error:" in ln]
     if errors:
@@ -199,7 +195,7 @@ def _work(work: Callable, kwargs: dict, log: str, progress: str, threads: int, c
     with open(log) as f:
         f.seek(start)
         output = f.read()
-    return {"status": status, "error": "" if status == 0 else _error_line(output, status)}
+    return {"status": status, "error": "" if status == 0 else error_line(output, status)}
 
 
 def _read_marker(path: str) -> str:
@@ -211,28 +207,6 @@ def _read_marker(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the driver
-
-class _StopRequest:
-    """SIGINT/SIGTERM on the driver: the jobs are asked to stop at their next step. A second
-    signal of the same kind takes its default action."""
-
-    def __init__(self):
-        self.signal, self.previous = None, {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.signal = signum
-        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
-
 
 def check_storage(ray, folder: Path, nodes: list[dict]) -> str | None:
     """None when each of `nodes` (those that could run a job) reads the marker this driver writes in
@@ -317,6 +291,10 @@ def _progress_path(folder: Path, job: Job) -> Path:
 
 def _schedule(ray, task, jobs: list[Job], options: Options, folder: Path) -> int:
     from tqdm import tqdm
+
+    # the trainer's own: the first SIGINT/SIGTERM asks the jobs to stop, a second one takes its
+    # default action (installed after ray.init, which sets a SIGTERM handler of its own)
+    from geomlab.train import StopRequest
     by_name = {j.name: j for j in jobs}
     for j in jobs:
         if j.finished:
@@ -333,7 +311,7 @@ def _schedule(ray, task, jobs: list[Job], options: Options, folder: Path) -> int
     bar = tqdm(total=len(jobs), unit="job", dynamic_ncols=True, mininterval=0.5, bar_format="[{elapsed}] {desc}",
                file=sys.stderr, desc=f"jobs: {sum(not j.finished for j in jobs)} queued")
     cancelled = False
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         while True:
             if stop.signal is not None and not cancelled:
                 cancelled = True

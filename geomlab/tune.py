@@ -172,11 +172,7 @@ def train_point(run: RunDir, config: dict, log: Path) -> tuple[int, str]:
         config_path.write_text(dumps(config))
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         status = train.main(["--config", str(config_path), "--out", str(run.root), "--resume"])
-    error = ""
-    if status:
-        lines = [ln for ln in log.read_text().splitlines() if "error:" in ln]
-        error = lines[-1].split("error:", 1)[1].strip() if lines else f"exit status {status}"
-    return status, error
+    return status, executor.error_line(log.read_text(), status) if status else ""
 
 
 def point_job(config: dict, out: str, reference: str, strategy: str, *, command: str, progress=None) -> int:
