@@ -150,11 +150,18 @@ def _analyze_seed(run: SeedRun, *, out: Path, **options) -> dict:
 # ----------------------------------------------------------------------------- the analysis
 
 
+_PLAIN = (str, int, bool, type(None))  # kept as they are (exact types: a subclass takes the long way)
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        # A study's analysis holds millions of numbers, mostly in lists of plain floats (histograms,
+        # series): those take the short way, with the same rule for NaN and inf as below.
+        if all(type(v) is float for v in x):
+            return [v if math.isfinite(v) else None for v in x]
+        return [v if type(v) in _PLAIN else _jsonable(v) for v in x]
     if isinstance(x, torch.Tensor):
         return _jsonable(x.tolist())
     if isinstance(x, float):

@@ -15,7 +15,7 @@ forecast test (`forecast_errors`, leave one seed out), which needs two seeds at 
 """
 from __future__ import annotations
 
-from geomlab.geometry import DISORDER_SCALARS, disorder_scalars, forecast_errors, lead_lag, realigned_r1, realignment, retrieval_metrics
+from geomlab.geometry import DISORDER_SCALARS, disorder_scalars_series, forecast_errors, lead_lag, realigned_r1, realignment, retrieval_metrics
 from geomlab.geometry.forgetting import _r1
 from geomlab.geometry.inference import mean_ci
 from geomlab.geometry.realign import REALIGNMENTS
@@ -111,7 +111,7 @@ def fine_series(run, strategy_dir: str, domains: list, kinds: list, learned: lis
         later = loaded[at[-1] + 1:]
         series = {"phase": [ph for ph, _, _ in later], "step": [st for _, st, _ in later],
                   "r1": [_fine_r1(tr.domains[name]) for _, _, tr in later]}
-        values = [disorder_scalars(ref, tr.domains[name]) for _, _, tr in later]
+        values = disorder_scalars_series(ref, [tr.domains[name] for _, _, tr in later])
         for m in MEASURES:
             series[m] = [v[m] for v in values]
         series["lead_lag"] = {m: lead_lag(series[m], series["r1"], max_lag=MAX_LAG) for m in MEASURES}

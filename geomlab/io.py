@@ -44,10 +44,14 @@ class _KeepWriteError:
         return getattr(self.f, name)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb",
+                 durable: bool = True) -> None:
     """Write via `write(fileobj)` to a temporary file beside `path`, fsync, then rename over it.
     Any failure removes the temporary file; an OSError (of the write, or inside `write`) is raised
-    as WriteError naming `path`."""
+    as WriteError naming `path`. durable=False: no fsync of the file or its directory (still
+    all or nothing for every reader and for a killed writer; a power loss may lose it): for files
+    written every few steps whose durability a later fsynced file vouches for after `os.sync()`
+    (RunDir.make_durable)."""
     path = Path(path)
     tmp = None
     try:
@@ -62,8 +66,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
                     raise kept.error from e
                 raise
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if not durable:
+            return
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -92,9 +99,10 @@ def atomic_torch_save(path, obj) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def append_jsonl(path, obj) -> None:
+def append_jsonl(path, obj, durable: bool = True) -> None:
     """Append one JSON line and fsync it (metrics.jsonl is append-only; a torn last line is ignored
-    on read). A failed append is cut off again, so the file ends where it did, and raises WriteError."""
+    on read). A failed append is cut off again, so the file ends where it did, and raises WriteError.
+    durable=False: no fsync (as atomic_write's)."""
     path = Path(path)
     line = (json.dumps(obj, sort_keys=True) + "\n").encode()
     try:
@@ -108,7 +116,8 @@ def append_jsonl(path, obj) -> None:
             view = memoryview(line)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except OSError as e:
             try:
                 os.ftruncate(fd, end)

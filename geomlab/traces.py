@@ -54,7 +54,8 @@ def stored(emb: DomainEmbeddings) -> DomainEmbeddings:
         caption_image=None if emb.caption_image is None else emb.caption_image.detach().to("cpu", torch.int64).clone())
 
 
-def write_trace(path, trace: Trace) -> None:
+def write_trace(path, trace: Trace, durable: bool = True) -> None:
+    """`trace` as safetensors at `path`, atomically (durable: atomic_write's)."""
     tensors = {}
     for name, emb in trace.domains.items():
         emb = stored(emb)
@@ -65,7 +66,7 @@ def write_trace(path, trace: Trace) -> None:
                 "step": str(trace.step), "model": trace.model}
     metadata.update({k: str(v) for k, v in trace.extra.items()})
     data = save(tensors, metadata=metadata)
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), durable=durable)
 
 
 def read_trace(path) -> Trace:

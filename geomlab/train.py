@@ -378,9 +378,10 @@ class Trainer:
         bad = first_nonfinite({"fine trace embeddings": {name: vars(e) for name, e in embeddings.items()}})
         if bad:
             raise Diverged(f"{bad} is not finite")
-        write_trace(self.run.fine_trace_path(strategy_dir, phase, step),
-                    Trace(domains=embeddings, phase=phase, step=step, model=self.config["model"]["name"],
-                          extra={"strategy": strategy_dir, "fine": "1", "trace_size": n}))
+        self.run.write_fine_trace(strategy_dir, Trace(domains=embeddings, phase=phase, step=step,
+                                                      model=self.config["model"]["name"],
+                                                      extra={"strategy": strategy_dir, "fine": "1", "trace_size": n}),
+                                  phase, step)
         self.report_drift_from_base(strategy_dir, phase, step, embeddings, fine=True)
 
     def report_drift_from_base(self, strategy_dir: str, phase: int, step: int, embeddings: dict, fine: bool) -> None:
@@ -418,6 +419,7 @@ class Trainer:
             "finetune" if p == 0 else strategy_dir).train_data(self.stream, p))) for p in range(phase))
 
     def save_state(self, strategy_dir, phase, step, optimizer, strategy) -> None:
+        self.run.make_durable()  # the metrics lines and fine traces this state vouches for
         atomic_torch_save(self.run.state_path(strategy_dir), {
             "phase": phase, "step": step, "model": unwrap(self.model).state_dict(),
             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),

@@ -121,6 +121,10 @@ def point_config(config: dict, seed: int, point: Point | None) -> dict:
     # Phase-end checkpoints are all a point is scored on; evaluating and saving changes nothing that
     # trains (eval mode, no gradient, no random draw), so the points train exactly as the study's runs.
     one["train"]["checkpoint_every"] = 0
+    # Nor does a point need fine traces: they are the analyser's lead/lag series (geometry along a
+    # phase), and writing them trains nothing differently (tests/test_fine_traces.py); at
+    # train.trace_every = 10 they cost about a tenth of a point's time.
+    one["train"]["trace_every"] = 0
     if point is not None:
         one[point.strategy][point.option] = point.value
     return one

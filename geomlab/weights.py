@@ -29,13 +29,16 @@ def _float_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def weight_distance(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float | None:
     """‖θ − θ_base‖ / ‖θ_base‖: θ, θ_base = every floating-point tensor of the two state dicts
     (parameters and float buffers, e.g. the logit scale; integer buffers left out), flattened and concatenated in
-    the same key order; sums of squares accumulated in float64. None when ‖θ_base‖ = 0 or a value is
+    the same key order; differences in the tensors' precision, sums of squares accumulated in float64. None when ‖θ_base‖ = 0 or a value is
     not finite. The two must hold the same floating-point keys with the same shapes (ValueError)."""
     a, b = _float_tensors(state), _float_tensors(base)
     if a.keys() != b.keys():
         diff = sorted(set(a) ^ set(b))
         raise ValueError(f"weight_distance: the state dicts differ in floating-point tensors {', '.join(diff[:5])}")
-    # the sums stay float64 tensors until the end: one conversion per call, not two per tensor
+    # The difference in the tensors' own precision, its squares summed in float64 (vector_norm's
+    # dtype): a float32 difference is off by at most 2⁻²⁴ of itself, so the distance is too, and
+    # two float64 copies per tensor made the analysis of a study's checkpoints 5× slower. The sums
+    # stay float64 tensors until the end: one conversion per call.
     num = torch.zeros((), dtype=torch.float64)
     den = torch.zeros((), dtype=torch.float64)
     for k, tb in b.items():
@@ -44,9 +47,9 @@ def weight_distance(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.
             raise ValueError(f"weight_distance: {k} has shape {tuple(ta.shape)} against {tuple(tb.shape)}")
         fa, fb = ta.detach().reshape(-1), tb.detach().reshape(-1)
         for i in range(0, fb.numel(), CHUNK):
-            x, y = fa[i:i + CHUNK].double(), fb[i:i + CHUNK].double()
-            num += torch.sub(x, y).square_().sum()
-            den += y.square().sum()
+            y = fb[i:i + CHUNK]
+            num += torch.linalg.vector_norm(torch.sub(fa[i:i + CHUNK], y), dtype=torch.float64).square()
+            den += torch.linalg.vector_norm(y, dtype=torch.float64).square()
     num, den = float(num), float(den)
     if not (math.isfinite(num) and math.isfinite(den)) or den == 0:
         return None

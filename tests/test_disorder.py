@@ -188,3 +188,35 @@ def test_disorder_scalars_of_no_rows_is_refused_not_nan():
     empty = (torch.zeros(0, 8), torch.zeros(0, 8))
     with pytest.raises(ValueError, match="no rows"):
         disorder_scalars(empty, empty)
+
+
+@pytest.mark.parametrize("n, d, captions", [(6, 16, 1), (40, 8, 1), (5, 12, 3)])
+def test_disorder_scalars_series_equals_spatial_disorders_numbers(n, d, captions):
+    """The batched series (one reference, several later traces) gives, per trace, spatial_disorder's
+    mean rotations, mean desynchronisation and mean alignment drift: with fewer rows than dimensions
+    (a fine trace's rank-deficient Procrustes), more, and several captions per image; one trace
+    whose text side did not move (rank deficient in another way) among them."""
+    from geomlab.geometry import disorder_scalars, disorder_scalars_series, spatial_disorder
+    g = torch.Generator().manual_seed(n * d)
+    caption_image = torch.arange(n).repeat_interleave(captions)
+    a = (torch.randn(n, d, generator=g), torch.randn(n * captions, d, generator=g), caption_image)
+    bs = [(a[0] + s * torch.randn(n, d, generator=g), a[1] + s * torch.randn(n * captions, d, generator=g), caption_image)
+          for s in (0.1, 0.5, 2.0)]
+    bs.append((a[0] + 0.3 * torch.randn(n, d, generator=g), a[1].clone(), caption_image))
+    series = disorder_scalars_series(a, bs)
+    for b, got in zip(bs, series):
+        full = spatial_disorder(a, b)
+        want = {"rotation_image": full["rotation"]["image"]["mean"], "rotation_text": full["rotation"]["text"]["mean"],
+                "desync": full["deviation"]["desync"]["mean"],
+                "alignment_drift": full["deviation"]["alignment_drift"]["mean"]}
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-7)
+        assert disorder_scalars(a, b) == pytest.approx(got, rel=1e-12, abs=1e-9)
+    assert disorder_scalars_series(a, []) == []
+
+
+def test_disorder_scalars_series_refuses_a_zero_row_inside_one_trace():
+    from geomlab.geometry import disorder_scalars_series
+    a = (torch.randn(6, 16), torch.randn(6, 16))
+    zero_row = torch.randn(6, 16).index_fill(0, torch.tensor([1]), 0.0)
+    with pytest.raises(ValueError, match=r"disorder_scalars: 1 of 24 rows of image_b are zero"):
+        disorder_scalars_series(a, [a, a, (zero_row, a[1]), a])

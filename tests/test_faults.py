@@ -126,13 +126,16 @@ def test_write_errors_name_the_file_and_leave_it_as_it_was(tmp_path):
     a JSON file and a metrics line all fail as a WriteError naming the file, and the file is unchanged."""
     script = textwrap.dedent(f"""
         import json, os, torch
-        from geomlab.io import WriteError, append_jsonl, atomic_torch_save, atomic_write_json
+        from geomlab.io import WriteError, append_jsonl, atomic_torch_save, atomic_write, atomic_write_json
         d = {str(tmp_path)!r}
         results = {{}}
         for name, write in [
                 ("a.pt", lambda p: atomic_torch_save(p, {{"w": torch.ones(100_000)}})),
                 ("r.json", lambda p: atomic_write_json(p, {{"x": "y" * 100_000}})),
-                ("m.jsonl", lambda p: append_jsonl(p, {{"x": "y" * 100_000}}))]:
+                ("m.jsonl", lambda p: append_jsonl(p, {{"x": "y" * 100_000}})),
+                # without fsync (metrics lines, fine traces): as all-or-nothing
+                ("n.jsonl", lambda p: append_jsonl(p, {{"x": "y" * 100_000}}, durable=False)),
+                ("f.bin", lambda p: atomic_write(p, lambda f: f.write(b"y" * 100_000), durable=False))]:
             try:
                 write(os.path.join(d, name))
                 results[name] = "written"
@@ -143,6 +146,8 @@ def test_write_errors_name_the_file_and_leave_it_as_it_was(tmp_path):
     atomic_torch_save(tmp_path / "a.pt", {"w": torch.zeros(3)})
     atomic_write_json(tmp_path / "r.json", {"x": 1})
     append_jsonl(tmp_path / "m.jsonl", {"x": 1})
+    append_jsonl(tmp_path / "n.jsonl", {"x": 1})
+    (tmp_path / "f.bin").write_bytes(b"x")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     limit = 50_000
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -278,3 +283,26 @@ def test_openmp_spin_count_is_set_before_torch_loads_and_a_users_setting_wins(en
                          timeout=120, env={**base, **env})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+def test_lines_and_fine_traces_skip_fsync_and_every_state_is_written_after_a_sync(tmp_path, monkeypatch):
+    """A metrics line (every train.log_every steps) and a fine trace (every train.trace_every) are
+    not fsynced, an fsync costing about as much as a geomlab-tiny step; each state.pt, which a
+    resume trusts for every line and fine trace before it, is written after sync(2)."""
+    events = []
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "sync", lambda: events.append(("sync", "")))
+    out = tmp_path / "r"
+    assert train.main(["--out", str(out), *ARGS, "train.trace_every=1", "train.trace_size=4"]) == 0
+    synced = [p for kind, p in events if kind == "fsync"]
+    assert not [p for p in synced if p.endswith("metrics.jsonl") or "/fine_traces/" in p], synced
+    states = [i for i, (kind, p) in enumerate(events) if kind == "fsync" and Path(p).name.startswith(".state.pt.")]
+    assert len(states) == 1 + STEPS // 2  # the base phase's end, then every checkpoint_every = 2 steps
+    assert all(events[i - 1][0] == "sync" for i in states), events
+    rows = read_jsonl(out / "finetune" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    assert len(list((out / "finetune" / "fine_traces").iterdir())) == STEPS + 1

@@ -34,6 +34,7 @@ batch_size = 16
 base_steps = 4
 steps = 3
 log_every = 1
+trace_every = 1
 [tune]
 validation_seeds = [100]
 criterion = "last"
@@ -120,6 +121,7 @@ def test_tune_resumes_after_sigkill_without_rerunning_finished_points(tmp_path):
     assert (whole / "tuning.md").read_text().count("| wise |") == 5  # four points and the selection row
     assert "plotly" in (whole / "report.html").read_text()
     assert not (whole / "seed100" / "er-replay_fraction=0.5").exists()
+    assert not list(whole.rglob("fine_traces"))  # the experiment's train.trace_every: not for a point
 
     # a strategy added to the tuning: its points only, the file keeps wise's value and rows
     wise_tuned = (whole / "tuned.toml").read_text()

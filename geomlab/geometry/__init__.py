@@ -6,7 +6,7 @@
 """
 from .forgetting import (accuracy_matrix, average_accuracy, bwt, continual_metrics, forgetting, last_accuracy,
                          learned_at, transfer)
-from .measures import (DISORDER_SCALARS, ProcrustesResult, disorder_scalars, eigen_angles, flips, inter_modal_deviation, linear_cka,
+from .measures import (DISORDER_SCALARS, ProcrustesResult, disorder_scalars, disorder_scalars_series, eigen_angles, flips, inter_modal_deviation, linear_cka,
                        modality_gap, mutual_knn, procrustes, roc_auc, rotation_angles, spatial_disorder,
                        topology_drift)
 from .precedence import forecast_errors, lead_lag
@@ -17,7 +17,7 @@ from .stats import summarize
 
 __all__ = [
     "rotation_angles", "topology_drift", "procrustes", "ProcrustesResult", "eigen_angles", "linear_cka",
-    "mutual_knn", "modality_gap", "inter_modal_deviation", "flips", "spatial_disorder", "disorder_scalars", "DISORDER_SCALARS",
+    "mutual_knn", "modality_gap", "inter_modal_deviation", "flips", "spatial_disorder", "disorder_scalars", "disorder_scalars_series", "DISORDER_SCALARS",
     "retrieval_metrics", "metrics_from_ranks", "accuracy_matrix", "average_accuracy", "forgetting", "bwt",
     "last_accuracy", "transfer", "learned_at", "continual_metrics",
     "summarize", "roc_auc",

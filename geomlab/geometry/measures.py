@@ -204,20 +204,30 @@ def _eigen_angles(q: torch.Tensor) -> torch.Tensor:
 def _procrustes_rotation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """R = argmin_{R ∈ O(d)} ‖a R − b‖_F = U Vᵀ with aᵀb = U Σ Vᵀ. Where aᵀb is rank deficient
     (N < d, or directions no sample uses), R is chosen closest to the identity on the unused subspace."""
-    m = a.T @ b
+    return _procrustes_rotations(a, b.unsqueeze(0))[0]
+
+
+def _procrustes_rotations(a: torch.Tensor, bs: torch.Tensor) -> torch.Tensor:
+    """_procrustes_rotation(a, bs[t]) for every t of a stack bs [T, N, d], as a [T, d, d] stack: one
+    batched SVD (a series of traces against one reference costs one call, not T)."""
+    m = a.T @ bs
     u, s, vh = torch.linalg.svd(m)
-    d = m.shape[0]
-    tol = (s[0] if s.numel() else 0.0) * max(a.shape[0], d) * 1e-12
-    r = int((s > tol).sum())
-    if r >= d:
-        return u @ vh
-    v = vh.T
-    rot = u[:, :r] @ v[:, :r].T
-    u_perp, v_perp = u[:, r:], v[:, r:]
-    # maximise tr(R) over the free block: Q = polar factor of (V⊥ᵀ U⊥)ᵀ
-    p, _, wh = torch.linalg.svd(v_perp.T @ u_perp)
-    q = wh.T @ p.T
-    return rot + u_perp @ q @ v_perp.T
+    d = m.shape[-1]
+    tol = s[:, :1] * max(a.shape[0], d) * 1e-12
+    ranks = (s > tol).sum(-1)
+    out = torch.empty_like(m)
+    for r in ranks.unique().tolist():
+        at = torch.nonzero(ranks == r).flatten()
+        ut, vt = u[at], vh[at].mT
+        if r >= d:
+            out[at] = ut @ vt.mT
+            continue
+        u_perp, v_perp = ut[..., r:], vt[..., r:]
+        # maximise tr(R) over the free block: Q = polar factor of (V⊥ᵀ U⊥)ᵀ
+        p, _, wh = torch.linalg.svd(v_perp.mT @ u_perp)
+        q = wh.mT @ p.mT
+        out[at] = ut[..., :r] @ vt[..., :r].mT + u_perp @ q @ v_perp.mT
+    return out
 
 
 def procrustes(a_old: torch.Tensor, a_new: torch.Tensor) -> ProcrustesResult:
@@ -398,20 +408,34 @@ def disorder_scalars(a, b, *, caption_image: torch.Tensor | None = None) -> dict
     eigen-angle of R_Iᵀ R_T) and mean alignment drift, in degrees. The cheap part of
     `spatial_disorder` (no topology, no flips), for the many traces of a series; `a`, `b`:
     `DomainEmbeddings` or (image, text[, caption_image]) tuples of the same samples."""
+    return disorder_scalars_series(a, [b], caption_image=caption_image)[0]
+
+
+def disorder_scalars_series(a, bs: list, *, caption_image: torch.Tensor | None = None) -> list[dict]:
+    """[disorder_scalars(a, b) for b in bs], computed together on stacked rows (a fine series: one
+    reference against every later trace, hundreds of small SVDs that one batched call does)."""
+    if not bs:
+        return []
     image_a, text_a, ci = _parts(a, caption_image)
-    image_b, text_b, ci_b = _parts(b, caption_image)
+    parts = [_parts(b, caption_image) for b in bs]
     if image_a.shape[0] == 0 or text_a.shape[0] == 0:  # the mean of nothing would be NaN, not a measure
         raise ValueError("disorder_scalars: no rows; at least one pair is needed")
-    check_rows("disorder_scalars", nonzero=True, image_a=image_a, text_a=text_a, image_b=image_b, text_b=text_b)
+    shapes = {(tuple(i.shape), tuple(t.shape)) for i, t, _ in parts}
+    if shapes != {(tuple(image_a.shape), tuple(text_a.shape))}:
+        raise ValueError(f"disorder_scalars: shapes differ {tuple(image_a.shape)}, {tuple(text_a.shape)} vs "
+                         + "; ".join(f"{i}, {t}" for i, t in sorted(shapes)))
+    image_b, text_b = torch.stack([i for i, _, _ in parts]), torch.stack([t for _, t, _ in parts])
+    check_rows("disorder_scalars", nonzero=True, image_a=image_a, text_a=text_a, image_b=image_b.flatten(0, 1),
+               text_b=text_b.flatten(0, 1))
     ia, ta, ib, tb = map(_unit, (image_a, text_a, image_b, text_b))
-    if ia.shape != ib.shape or ta.shape != tb.shape:
-        raise ValueError(f"disorder_scalars: shapes differ {tuple(ia.shape)}, {tuple(ta.shape)} vs "
-                         f"{tuple(ib.shape)}, {tuple(tb.shape)}")
-    theta = (_angles(ia, ib), _angles(ta, tb))
-    pair_image = _pair_index(ci if ci is not None else ci_b, ia.shape[0], ta.shape[0])
-    dev = _deviation(ia, ta, ib, tb, pair_image, theta=theta, gaps=False)
-    return {"rotation_image": float(theta[0].mean()), "rotation_text": float(theta[1].mean()),
-            "desync": dev["desync_mean"], "alignment_drift": float(dev["alignment_drift"].mean())}
+    pair_image = _pair_index(ci if ci is not None else parts[0][2], ia.shape[0], ta.shape[0])
+    rotation_image, rotation_text = _angles(ia, ib).mean(-1), _angles(ta, tb).mean(-1)
+    drift = (_angles(ib[:, pair_image], tb) - _angles(ia[pair_image], ta)).mean(-1)
+    q = _procrustes_rotations(ia, ib).mT @ _procrustes_rotations(ta, tb)
+    # mean eigen-angle of each R_Iᵀ R_T (_eigen_angles, batched)
+    desync = (torch.acos(torch.linalg.eigvalsh(0.5 * (q + q.mT)).clamp(-1.0, 1.0)) * DEG).mean(-1)
+    return [{"rotation_image": float(rotation_image[t]), "rotation_text": float(rotation_text[t]),
+             "desync": float(desync[t]), "alignment_drift": float(drift[t])} for t in range(len(bs))]
 
 
 # ---------------------------------------------------------------------------------------------
