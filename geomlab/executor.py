@@ -331,7 +331,7 @@ def _schedule(ray, task, jobs: list[Job], options: Options, folder: Path) -> int
                     submit(j)
             if not running:
                 break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)  # (a stop request waits as long)
             for ref in ready:
                 j = running.pop(ref)
                 j.ref = None

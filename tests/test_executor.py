@@ -28,7 +28,7 @@ from geomlab.io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the jobs run one torch thread each (--cpus-per-run 1)
-STEPS = 8
+STEPS = 12
 ARGS = ["data.probe_size=16", "data.calibration_size=8", "data.shapes.domains=2", "data.shapes.train_size=64",
         "train.batch_size=16", "train.base_steps=4", f"train.steps={STEPS}", "train.checkpoint_every=4",
         "train.log_every=1"]
@@ -156,12 +156,12 @@ def lose(cluster, node) -> None:
     while todo:
         on_node += parents.get(todo[-1], [])
         todo += parents.get(todo.pop(), [])
-    cluster.remove_node(node, allow_graceful=False)
-    for pid in on_node:
+    for pid in on_node:  # first: a running job must not finish in the meantime
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    cluster.remove_node(node, allow_graceful=False)
 
 
 def progress(out: Path, since: float = 0.0) -> list[dict]:
@@ -241,7 +241,7 @@ def test_a_study_on_two_nodes_equals_the_sequential_one_despite_a_killed_worker(
                                                                                  capsys):
     out = tmp_path / "ray"
 
-    def saved():  # seed1/joint, mid-phase: its state at step 4 of 8 is saved
+    def saved():  # seed1/joint, mid-phase: its state at step 4 of 12 is saved
         state, at = out / "seed1" / "joint" / "state.pt", [p for p in progress(out) if p["job"] == "seed1/joint"]
         return at[0]["pid"] if state.exists() and at else None
 
