@@ -4,6 +4,9 @@ analyser that reads it (docs/definitions.md, "Run directory").
     runs/NAME/
       config.toml  run.json
       train.lock                     flock-ed by the one trainer writing the run (RunDir.lock)
+      train.DIR.lock  run.json.lock  a study's job of one directory (RunDir.lock(job=DIR)); the short
+                                     hold of each run.json update (RunDir.updating_run_json)
+      jobs/                          with --executor ray: the jobs' logs and progress (geomlab.executor)
       base/ finetune/ ...            one directory per strategy (its `strategy_dir`; "base" is phase 0)
         checkpoints/phaseP_stepSSSSSS.pt
         traces/phaseP_stepSSSSSS.safetensors
@@ -33,6 +36,7 @@ import shutil
 import sys
 import time
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,6 +54,7 @@ from geomlab.traces import write_trace
 CHECKPOINTS, TRACES = "checkpoints", "traces"
 FINE_TRACES = "fine_traces"  # never read as checkpoints: no weights stand behind them
 ANALYSIS = "analysis"  # the analyser's default output directory inside CKPT_DIR
+JOBS = "jobs"  # geomlab.executor's logs, progress and storage marker, beside what the jobs train
 _STEM = re.compile(r"^phase(\d+)_step(\d+)$")
 
 
@@ -96,6 +101,11 @@ def _adds_strategies(old: dict, new: dict) -> bool:
     """run.strategies of `new` keeps every strategy of `old` (and adds some)."""
     before, after = _dotted(old, "run.strategies"), _dotted(new, "run.strategies")
     return isinstance(before, list) and isinstance(after, list) and set(before) <= set(after)
+
+
+def _bookkeeping(path: Path) -> bool:
+    """A lock file or the executor's jobs/ folder: no part of what a run trained."""
+    return path.name.endswith(".lock") or path.name == JOBS
 
 
 def _alive(pid: int) -> bool:
@@ -443,50 +453,75 @@ class RunDir:
                 raise RunDirError(f"{self.root} already holds this run{changed}; pass --resume to continue it "
                                   f"{'with the new values ' if diffs else ''}or choose another --out")
             return {k: [_dotted(old, k), _dotted(new, k)] for k in diffs}
-        # (a lock file alone: a trainer stopped before it wrote anything)
+        # (lock files alone: a trainer stopped before it wrote anything; jobs/: a study's driver)
         if self.root.exists() and not stored.exists() and (
-                not self.root.is_dir() or any(p != self.lock_path for p in self.root.iterdir())):
+                not self.root.is_dir() or any(not _bookkeeping(p) for p in self.root.iterdir())):
             raise RunDirError(f"{self.root} exists and is not a geomlab run directory; choose another --out")
         return {}
 
-    def lock(self) -> "RunLock":
+    def lock(self, job: str | None = None, holder: str | None = None) -> "RunLock":
         """Become the run directory's one writer (creating the directory), or raise RunDirError naming
-        the process that is. The kernel drops the lock when its process ends, however it ends."""
+        the process that is. The kernel drops the lock when its process ends, however it ends.
+
+        With `job` (a strategy directory, or "base"), the writer of that directory only: a study's
+        jobs of one seed run side by side (geomlab.executor), each holding train.JOB.lock, while the
+        study's driver holds train.lock. `holder` is what the lock file says the holder runs
+        (default: this process's command line)."""
+        path = self.lock_path if job is None else self.root / f"train.{job}.lock"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise WriteError.of(self.lock_path, e) from e
+            raise WriteError.of(path, e) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = b""
+            theirs = b""
             for _ in range(50):  # the holder writes its name just after it locks
-                holder = os.pread(fd, 4096, 0).strip()
-                if holder:
+                theirs = os.pread(fd, 4096, 0).strip()
+                if theirs:
                     break
                 time.sleep(0.02)
             os.close(fd)
-            pid, _, command = holder.decode(errors="replace").partition(" ")
+            pid, _, command = theirs.decode(errors="replace").partition(" ")
             who = f"pid {pid}: {command}" if pid else "a process that has not said which"
             if pid.isdigit() and not _alive(int(pid)):
                 who += "; it has ended, processes it started still hold the lock: retry in a few seconds"
-            raise RunDirError(f"{self.root} is being written by another trainer ({who}); "
+            what = self.root if job is None else self.strategy_path(job)
+            raise RunDirError(f"{what} is being written by another trainer ({who}); "
                               "wait for it to finish or stop it, then rerun with --resume") from None
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()} {holder or ' '.join(sys.argv)}\n".encode(), 0)
         except OSError as e:
             os.close(fd)
-            raise WriteError.of(self.lock_path, e) from e
+            raise WriteError.of(path, e) from e
         return RunLock(fd)
+
+    @contextmanager
+    def updating_run_json(self):
+        """Yield run.json's content (a dict) to change, then write it atomically, all under an flock
+        of run.json.lock: a study's jobs of one seed update it side by side (each its own
+        directory's entries), and none may lose another's update between its read and its write."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / "run.json.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise WriteError.of(self.root / "run.json.lock", e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a small write: wait for it
+            info = self.run_json()
+            yield info
+            atomic_write_json(self.run_json_path, info)
+        finally:
+            os.close(fd)
 
     def create(self, config_text: str) -> None:
         """Write config.toml (again, when a resume changed one of RESUME_MAY_CHANGE). A failed start's
         files go first: the run begins again."""
         if self.failed_start():
             for p in self.root.iterdir():
-                if p != self.lock_path:
+                if not _bookkeeping(p):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         if not self.config_path.exists() or self.config_path.read_text() != config_text:
             atomic_write_text(self.config_path, config_text)
@@ -494,33 +529,33 @@ class RunDir:
     def record_resume(self, changed: dict, at: dict) -> None:
         """Add to run.json's "resumes" that a resume changed `changed` ({key: [old, new]}) from the
         positions `at` ({strategy_dir: [phase, step]}) on."""
-        info = self.run_json()
-        info.setdefault("resumes", []).append({
-            "changed": changed, "at": at, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        atomic_write_json(self.run_json_path, info)
+        with self.updating_run_json() as info:
+            info.setdefault("resumes", []).append({
+                "changed": changed, "at": at, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
-    def write_run_json(self, config: dict, trainer, version: str) -> None:
-        info = self.run_json()
-        info.update({
-            "name": config["run"]["name"], "seed": config["run"]["seed"], "device": str(trainer.device),
-            "world_size": trainer.dist.world, "strategies": config["run"]["strategies"],
-            "model": config["model"]["name"], "phases": [p.name for p in trainer.stream.phases],
-            "probes": [p.name for p in trainer.stream.probes], "stream": trainer.stream.info,
-            # which phases train on each probe set's data: the accuracy matrix's mapping
-            "probe_phases": {p.name: list(p.phases) for p in trainer.stream.probes},
-            # pairs each phase trains on: a resume that changes a data policy may change no finished one
-            "phase_pairs": [len(p.train) for p in trainer.stream.phases],
-            # "seen", "novel" (captions held out of training) or "calibration" (realignment-fit pairs,
-            # never scored): the analyser reports seen and novel apart and leaves calibration sets out
-            "probe_kinds": {p.name: p.kind for p in trainer.stream.probes},
-            "versions": {"geomlab": version, "torch": torch.__version__, "open_clip": open_clip.__version__,
-                         "python": platform.python_version()},
-            "command": " ".join(sys.argv),
-        })
-        info.setdefault("completed", {})
-        if trainer.stream.skipped:
-            info["skipped_records"] = trainer.stream.skipped
-        atomic_write_json(self.run_json_path, info)
+    def write_run_json(self, config: dict, trainer, version: str, command: str | None = None) -> None:
+        """`command`: the command that trains the run (default: this process's; a study's job
+        names its driver's)."""
+        with self.updating_run_json() as info:
+            info.update({
+                "name": config["run"]["name"], "seed": config["run"]["seed"], "device": str(trainer.device),
+                "world_size": trainer.dist.world, "strategies": config["run"]["strategies"],
+                "model": config["model"]["name"], "phases": [p.name for p in trainer.stream.phases],
+                "probes": [p.name for p in trainer.stream.probes], "stream": trainer.stream.info,
+                # which phases train on each probe set's data: the accuracy matrix's mapping
+                "probe_phases": {p.name: list(p.phases) for p in trainer.stream.probes},
+                # pairs each phase trains on: a resume that changes a data policy may change no finished one
+                "phase_pairs": [len(p.train) for p in trainer.stream.phases],
+                # "seen", "novel" (captions held out of training) or "calibration" (realignment-fit pairs,
+                # never scored): the analyser reports seen and novel apart and leaves calibration sets out
+                "probe_kinds": {p.name: p.kind for p in trainer.stream.probes},
+                "versions": {"geomlab": version, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                             "python": platform.python_version()},
+                "command": command or " ".join(sys.argv),
+            })
+            info.setdefault("completed", {})
+            if trainer.stream.skipped:
+                info["skipped_records"] = trainer.stream.skipped
 
     def write_seeds_json(self, config: dict, version: str) -> None:
         """A multi-seed run's own run.json: what it is and where each seed's run lives."""
@@ -574,11 +609,10 @@ class RunDir:
         """Record `phase` of `strategy_dir` as completed in run.json, then drop its state.pt: the next
         phase starts from this one's end checkpoint, and the state (weights and optimizer moments,
         about three times the checkpoint) would only hold disk until that phase writes its own."""
-        info = self.run_json()
-        done = info.setdefault("completed", {}).setdefault(strategy_dir, [])
-        if phase not in done:
-            done.append(phase)
-        atomic_write_json(self.run_json_path, info)
+        with self.updating_run_json() as info:
+            done = info.setdefault("completed", {}).setdefault(strategy_dir, [])
+            if phase not in done:
+                done.append(phase)
         self.state_path(strategy_dir).unlink(missing_ok=True)  # the trainer saved it at this phase's last step
 
     def checkpoints(self, strategy_dir: str) -> list[Checkpoint]:

@@ -295,6 +295,8 @@ class Trainer:
         self.bar = None
         self.stop: StopRequest | None = None  # set by main: SIGINT/SIGTERM stop at the next step
         self.out: Path | None = None  # set by main: the --out a resume names (a multi-seed run's root)
+        self.job: str | None = None  # set by run_job: the one directory ("base" or a strategy) to train
+        self.progress = None  # set by run_job: called (strategy_dir, phase, step, total) at each step
         # Mixed precision as open_clip: "amp" = float16 autocast with a gradient scaler on CUDA
         # (bfloat16 on the CPU), "amp_bf16" = bfloat16 autocast; other precisions cast the weights.
         precision = m["precision"]
@@ -566,6 +568,8 @@ class Trainer:
             if done == total:
                 strategy.end_phase(unwrap(self.model))  # may set the phase's result weights (WiSE-FT, ZSCL)
             self.bar.update(1)
+            if self.progress is not None:
+                self.progress(strategy_dir, phase, done, total)
             if done % t["log_every"] == 0 or done == total:
                 row = {"kind": "train", "phase": phase, "step": done, "loss": loss.item(),
                        "lr": optimizer.param_groups[0]["lr"],
@@ -617,11 +621,13 @@ class Trainer:
 
     # -- the whole run
 
-    def todo(self) -> list[tuple[str, str, int]]:
-        """(strategy_dir, strategy, phase) still to train; phase 0 trains the shared base with finetune."""
+    def todo(self, every: bool = False) -> list[tuple[str, str, int]]:
+        """(strategy_dir, strategy, phase) still to train; phase 0 trains the shared base with finetune.
+        Only the job's directory when run_job set one, unless `every`."""
         strategies = self.config["run"]["strategies"]
         plan = [("base", "finetune", 0)] + [(s, s, p) for s in strategies for p in range(1, self.num_phases)]
-        return [(d, s, p) for d, s, p in plan if not self.run.is_complete(d, p)]
+        return [(d, s, p) for d, s, p in plan if not self.run.is_complete(d, p)
+                and (every or self.job is None or d == self.job)]
 
     def fit(self) -> None:
         todo = self.todo()
@@ -693,10 +699,11 @@ def seed_runs(config: dict, root: RunDir) -> list[tuple[dict, RunDir]]:
     return runs
 
 
-def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: dict) -> int:
+def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: dict, command: str | None = None) -> int:
     """Write the run's config.toml and run.json (recording what a resume `changed`), train every
-    phase, print the summary. 2 on bad data or a failed write, 3 when training diverged, 130 when
-    stopped by SIGINT/SIGTERM."""
+    phase (the job's, under run_job), print the summary. 2 on bad data or a failed write, 3 when
+    training diverged, 130 when stopped by SIGINT/SIGTERM. `command`: what run.json records as the
+    command (default: this process's)."""
 
     def restart_for_data_policy():
         """A resume that changes a data policy (on_bad_sample, verify_images): allowed when every
@@ -713,20 +720,20 @@ def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: 
                 raise RunDirError(f"{run.root}: changing {what} changes phase {p} ({trainer.stream.phases[p].name}: "
                                   f"{before[p]} pairs trained, {now[p]} now), which is finished; start a new run "
                                   "with another --out")
-        for d, _, p in trainer.todo():
+        for d, _, p in trainer.todo(every=True):
             run.restart_phase(d, p)
 
     def start():
         if set(changed) & set(DATA_POLICY_KEYS):
             restart_for_data_policy()
         at = {}  # where each unfinished strategy directory resumes: the changes apply from there on
-        for d, _, p in trainer.todo() if changed else ():
+        for d, _, p in trainer.todo(every=True) if changed else ():
             at.setdefault(d, [p, run.resume_step(d, p)])
         if changed and not at:
             raise RunDirError(f"{run.root} holds a finished run: nothing is left to train with a different "
                               f"{', '.join(changed)}; choose another --out")
         run.create(dumps(config))
-        run.write_run_json(config, trainer, __version__)
+        run.write_run_json(config, trainer, __version__, command)
         if changed:
             run.record_resume(changed, at)
 
@@ -734,7 +741,7 @@ def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: 
         dist.on_main(start)
         trainer.barrier()
         trainer.fit()
-        dist.on_main(lambda: run.write_run_json(config, trainer, __version__))
+        dist.on_main(lambda: run.write_run_json(config, trainer, __version__, command))
     # a bad record found while loading (e.g. a truncated image, in a worker); a full disk; a NaN
     except (DataError, RunDirError, WriteError, Diverged) as e:
         if trainer.bar is not None:
@@ -758,6 +765,34 @@ def train_run(trainer: Trainer, config: dict, run: RunDir, dist: Dist, changed: 
     return 0
 
 
+def run_job(config: dict, out, job: str, *, command: str, root=None, report_to: str | None = None,
+            progress=None) -> int:
+    """One job of a study (geomlab.executor): the phases of one directory of the single-seed run in
+    `out` ("base": phase 0; a strategy: its phases 1..T), trained in this process as `python -m
+    geomlab.train --out OUT --resume` trains them, beside the seed's other jobs. The trainer's exit
+    status (0, 2, 3, 130), its error line printed as main prints it. `command`: the study's command
+    (run.json's); `root`: the study's --out (what a resume names); `progress`: Trainer.progress."""
+    run, dist, lock = RunDir(Path(out)), Dist(), None
+    try:
+        torch.manual_seed(config["run"]["seed"])
+        trainer = Trainer(config, run, dist, report_to)
+        trainer.job, trainer.progress = job, progress
+        lock = run.lock(job=job, holder=f"{command} (its job {job} of {run.root})")
+        # always as a resume: the driver checked the user's command; a retried job continues its run
+        changes = run.check(config, dumps(config), resume=True)
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as e:
+        if lock is not None:
+            lock.release()
+        print(f"geomlab.train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with StopRequest() as stop:
+            trainer.stop, trainer.out = stop, Path(root or run.root)
+            return train_run(trainer, config, run, dist, changes, command)
+    finally:
+        lock.release()
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args_or_hint(argv)
@@ -767,6 +802,12 @@ def main(argv=None) -> int:
     dist, lock = Dist(), None
     try:
         check_report_to(args.report_to)
+        if args.executor == "ray":
+            from geomlab.executor import require_ray
+            require_ray("geomlab.train")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError("--executor ray runs each job of the study in a process of its own: start it "
+                                  "with python, not torchrun (torchrun is how one run uses several GPUs)")
         config = resolve_config(args)
         root = RunDir(Path(args.out) if args.out else Path("runs") / config["run"]["name"])
         runs = seed_runs(config, root)
@@ -807,6 +848,10 @@ def main(argv=None) -> int:
                 if dist.main:
                     print(f"geomlab.train: error: {e}", file=sys.stderr)
                 return 2
+        if args.executor == "ray":  # every job on a Ray cluster; this process schedules and reports
+            from geomlab.executor import Options, run_jobs, train_jobs
+            return run_jobs(train_jobs(runs, root, changes, " ".join(sys.argv), args.report_to),
+                            Options.of(args), root.root, "geomlab.train", "continue with the same command and --resume")
         with StopRequest() as stop:
             for k, (one, run) in enumerate(runs):
                 if k:  # each seed its own base model, from its own initial weights

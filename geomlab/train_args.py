@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from geomlab import executor
 from geomlab.config import SCHEMA, ConfigError, load_config
 
 DESCRIPTION = "python -m geomlab.train: continual CLIP training with geometry traces."
@@ -28,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", help="comma-separated seeds, shorthand for run.seeds: one complete run per seed")
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="print the phases, probe sets, strategies and steps this command would train; write nothing")
+    executor.add_options(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=3e-4")
     return p.parse_args(argv)
 
@@ -49,14 +51,16 @@ def parse_args_or_hint(argv=None):
     keys.update({f"{section}.{k}": f"{section}.{k}" for section, table in SCHEMA.items() if isinstance(table, dict)
                  for k in table})
     known = {"--config", "--strategies", "--out", "--device", "--pretrained", "--resume", "--report-to", "--seeds",
-             "--dry-run", "--help", "-h"}
+             "--dry-run", "--help", "-h", "--executor", *executor.RAY_OPTIONS}
     for i, arg in enumerate(argv):
         flag, _, value = arg.partition("=")
         name = flag[2:].replace("-", "_")
         if flag.startswith("--") and flag not in known and name in keys:
             value = value or (argv[i + 1] if i + 1 < len(argv) else "VALUE")
             raise ConfigError(f"{flag} is not an option; config keys are set as KEY=VALUE: {keys[name]}={value}")
-    return parse_args(argv)
+    args = parse_args(argv)
+    executor.check_options(args)
+    return args
 
 
 def read_config(args) -> dict:

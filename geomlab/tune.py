@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geomlab import executor
 from geomlab.config import CHOICES, RANGES, ConfigError, dumps, load_config, tomllib
 from geomlab.io import WriteError, atomic_write_json, atomic_write_text
 from geomlab.probe_kinds import SEEN_KIND, probe_kind
@@ -175,11 +176,59 @@ def train_point(run: RunDir, config: dict, log: Path) -> tuple[int, str]:
         config_path.write_text(dumps(config))
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         status = train.main(["--config", str(config_path), "--out", str(run.root), "--resume"])
-    error = ""
-    if status:
-        lines = [ln for ln in log.read_text().splitlines() if "error:" in ln]
-        error = lines[-1].split("error:", 1)[1].strip() if lines else f"exit status {status}"
-    return status, error
+    return status, executor.error_line(log.read_text(), status) if status else ""
+
+
+def point_job(config: dict, out: str, reference: str, strategy: str, *, command: str, progress=None) -> int:
+    """A grid point as a job of its own (--executor ray): its run directory made from the seed's
+    base model when new (seed_point_dir), then its strategy trained (geomlab.train.run_job)."""
+    from geomlab import train
+    run = RunDir(out)
+    if not run.root.exists():
+        seed_point_dir(RunDir(reference), run, dumps(config))
+    return train.run_job(config, out, strategy, command=command, progress=progress)
+
+
+def tune_jobs(config: dict, root: Path, points: list[Point], command: str) -> list:
+    """The jobs of a tuning (--executor ray), per validation seed: the reference run's base model,
+    then its finetune phases and every grid point, side by side (each point's base is the seed's)."""
+    from geomlab import train
+    from geomlab.executor import Job
+    jobs, root = [], root.resolve()  # (paths as every node names them)
+    for seed in config["tune"]["validation_seeds"]:
+        seed_root, name = root / seed_dir(seed), seed_dir(seed)
+        reference, one = RunDir(seed_root / REFERENCE), point_config(config, seed, None)
+        common = dict(config=one, out=str(reference.root), command=command)
+        log = seed_root / f"{REFERENCE}.log"
+        base = Job(f"{name}/base", train.run_job, {**common, "job": "base"}, log,
+                   finished=reference.is_complete("base", 0))
+        jobs += [base, Job(f"{name}/{REFERENCE}", train.run_job, {**common, "job": REFERENCE}, log,
+                           after=(base.name,), finished=finished(reference, REFERENCE))]
+        for p in points:
+            run = RunDir(seed_root / p.label)
+            jobs.append(Job(f"{name}/{p.label}", point_job,
+                            dict(config=point_config(config, seed, p), out=str(run.root), reference=str(reference.root),
+                                 strategy=p.strategy, command=command),
+                            seed_root / f"{p.label}.log", after=(base.name,), finished=finished(run, p.strategy)))
+    return jobs
+
+
+def ray_results(config: dict, root: Path, points: list[Point], results: list[Result], options) -> int:
+    """Train the tuning's runs as jobs (tune_jobs) and fill `results` from them; run_jobs' status."""
+    jobs = tune_jobs(config, root, points, " ".join(sys.argv))
+    status = executor.run_jobs(jobs, options, root, "geomlab.tune", "rerun the same command to continue")
+    by_name = {j.name: j for j in jobs}
+    for r in results:
+        job = by_name[f"{seed_dir(r.seed)}/{REFERENCE if r.point is None else r.point.label}"]
+        run = RunDir(Path(job.kwargs["out"]))
+        if job.status == "done":
+            r.status, r.metrics = "done", run_metrics(run, REFERENCE if r.point is None else r.point.strategy)
+        else:
+            base = by_name[job.after[0]]
+            r.status = "failed"
+            r.error = (job.error if base.status == "done" else base.error if r.point is None else
+                       f"the seed's base model ({root / seed_dir(r.seed) / REFERENCE}) did not train")
+    return status
 
 
 def select(results: list[Result], points: list[Point], criterion: str) -> dict:
@@ -343,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned-out", dest="tuned_out", help="where to write the tuned-values file (default OUT/tuned.toml)")
     p.add_argument("--strategies", help="tune only these strategies of the grid (comma-separated); an existing "
                                         "--tuned-out file keeps the values of the others")
+    executor.add_options(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     return p
 
@@ -352,6 +402,9 @@ def main(argv=None) -> int:
     root = Path(args.out)
     lock = None
     try:
+        executor.check_options(args)
+        if args.executor == "ray":
+            executor.require_ray("geomlab.tune")
         # The values being tuned must not come from an earlier tuning: run.tuned is cleared.
         config = load_config(args.config, [*args.overrides, "run.tuned=''"])
         config["run"].update(seeds=[], tuned="")
@@ -370,34 +423,39 @@ def main(argv=None) -> int:
     seeds, criterion = config["tune"]["validation_seeds"], config["tune"]["criterion"]
     jobs = [Result(s, p) for s in seeds for p in (None, *points)]
     try:
-        bar = tqdm(total=len(jobs), unit="run", dynamic_ncols=True, desc="tune")
-        for job in jobs:
-            seed_root = root / seed_dir(job.seed)
-            reference = RunDir(seed_root / REFERENCE)
-            run = RunDir(seed_root / (REFERENCE if job.point is None else job.point.label))
-            strategy = REFERENCE if job.point is None else job.point.strategy
-            bar.set_postfix_str(f"seed {job.seed} {'finetune' if job.point is None else job.point.label}")
-            if not finished(run, strategy):
-                one = point_config(config, job.seed, job.point)
-                if job.point is not None and not run.root.exists():
-                    if not finished(reference, REFERENCE):
-                        job.status, job.error = "failed", f"the seed's base model ({reference.root}) did not train"
+        if args.executor == "ray":  # every reference part and point a job on a Ray cluster
+            status = ray_results(config, root, points, jobs, executor.Options.of(args))
+            if status in (2, 130):  # the cluster refused the study, or it was stopped (resumable)
+                return status
+        else:
+            bar = tqdm(total=len(jobs), unit="run", dynamic_ncols=True, desc="tune")
+            for job in jobs:
+                seed_root = root / seed_dir(job.seed)
+                reference = RunDir(seed_root / REFERENCE)
+                run = RunDir(seed_root / (REFERENCE if job.point is None else job.point.label))
+                strategy = REFERENCE if job.point is None else job.point.strategy
+                bar.set_postfix_str(f"seed {job.seed} {'finetune' if job.point is None else job.point.label}")
+                if not finished(run, strategy):
+                    one = point_config(config, job.seed, job.point)
+                    if job.point is not None and not run.root.exists():
+                        if not finished(reference, REFERENCE):
+                            job.status, job.error = "failed", f"the seed's base model ({reference.root}) did not train"
+                            bar.update(1)
+                            continue
+                        seed_point_dir(reference, run, dumps(one))
+                    status, job.error = train_point(run, one, run.root.parent / f"{run.root.name}.log")
+                    if status == 130:  # Ctrl-C: the point saved its state; the tune stops, resumable
+                        bar.close()
+                        print(f"geomlab.tune: interrupted in {run.root}; rerun the same command to resume", file=sys.stderr)
+                        return 130
+                    if status:
+                        job.status = "failed"
+                        tqdm.write(f"{run.root}: failed: {job.error}", file=sys.stderr)
                         bar.update(1)
                         continue
-                    seed_point_dir(reference, run, dumps(one))
-                status, job.error = train_point(run, one, run.root.parent / f"{run.root.name}.log")
-                if status == 130:  # Ctrl-C: the point saved its state; the tune stops, resumable
-                    bar.close()
-                    print(f"geomlab.tune: interrupted in {run.root}; rerun the same command to resume", file=sys.stderr)
-                    return 130
-                if status:
-                    job.status = "failed"
-                    tqdm.write(f"{run.root}: failed: {job.error}", file=sys.stderr)
-                    bar.update(1)
-                    continue
-            job.status, job.metrics = "done", run_metrics(run, strategy)
-            bar.update(1)
-        bar.close()
+                job.status, job.metrics = "done", run_metrics(run, strategy)
+                bar.update(1)
+            bar.close()
         chosen = select(jobs, points, criterion)
         markdown = table_markdown(jobs, chosen, criterion, seeds)
         atomic_write_text(root / "tuning.md", "# Tuning table\n\n" + markdown)
