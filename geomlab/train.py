@@ -272,6 +272,12 @@ def unwrap(model):
 
 # ----------------------------------------------------------------------------- the trainer
 
+def phase_salt(strategy_dir: str, phase: int) -> int:
+    """What makes a (strategy directory, phase)'s draws its own: its batch order (Trainer.order) and
+    the global generator at its start (Trainer.train_phase)."""
+    return phase * 131 + sum(map(ord, strategy_dir))
+
+
 class Trainer:
     def __init__(self, config: dict, run: RunDir, dist: Dist, report_to: str | None = None):
         self.config, self.run, self.dist = config, run, dist
@@ -495,7 +501,7 @@ class Trainer:
         if cls.needs_base_model:
             base = frozen()
             base.load_state_dict(state_dict_of(load_checkpoint(self.run.phase_end_checkpoint("base", 0))))
-        salt = phase * 131 + sum(map(ord, strategy_dir))
+        salt = phase_salt(strategy_dir, phase)
         save = functools.partial(self.run.save_strategy_state, strategy_dir) if self.dist.main else lambda *a: None
         context = PhaseContext(
             stream=self.stream, phase=phase, data=cls.train_data(self.stream, phase),
@@ -523,6 +529,11 @@ class Trainer:
             if strategy_dir == "base":
                 self.dist.on_main(self.report_base_phase)
             return
+        # The global generator (peft's dropout: lora, cclip) starts every phase from the run's seed and
+        # the phase's own salt, so that a phase draws the same whatever this process trained before it
+        # (the strategies before it in a sequential run, a job of --executor ray, a strategy added by
+        # --resume); a phase resumed mid-way restores its state's generator below.
+        torch.manual_seed(self.config["run"]["seed"] * 1_000_003 + phase_salt(strategy_dir, phase))
         strategy = self.make_strategy(strategy_dir, strategy_name, phase)
         data = strategy.start_phase(unwrap(self.model))  # what strategy.step_indices index
         if self.dist.world > 1:
