@@ -139,8 +139,11 @@ class _Progress:
         self.write({})
 
     def write(self, where: dict) -> None:
-        from geomlab.io import atomic_write_text
-        atomic_write_text(self.path, json.dumps({**self.about, **where}))
+        from geomlab.io import atomic_write
+        text = json.dumps({**self.about, **where})
+        # atomic (the driver never reads half a file) but not fsynced: rewritten every second, read
+        # only by the live line, worthless after a crash; an fsync would cost about 2% of the job
+        atomic_write(self.path, lambda f: f.write(text), mode="w", durable=False)
 
     def __call__(self, strategy_dir: str, phase: int, step: int, total: int) -> None:
         now = time.monotonic()
