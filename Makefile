@@ -22,9 +22,11 @@ tune: $(STAMP)
 	$(PY) -m geomlab.tune experiments/shapes_baselines.toml --out runs/tune --tuned-out experiments/tuned/shapes_5phase.toml
 
 # Every strategy on the test seeds 0-4 with the tuned values: the baseline comparison with confidence
-# intervals (60 runs and 5 base models: 55 min 52 s measured on this 2-core machine with other work beside it).
+# intervals (60 runs and 5 base models). One job per core at a time (a local Ray, one thread a job):
+# geomlab-tiny's GEMMs are too small for two threads to share one well (README, "What it costs").
 study: $(STAMP)
-	$(PY) -m geomlab.train --config experiments/shapes_baselines.toml --out runs/study --resume
+	$(PY) -m geomlab.train --config experiments/shapes_baselines.toml --out runs/study --resume \
+		--executor ray --cpus-per-run 1
 	$(PY) -m geomlab.analyze runs/study
 
 # The report test drives a real headless browser; install Debian's chromium when it is missing.

@@ -23,12 +23,23 @@ class EmbedError(ValueError):
     """Probe data or a checkpoint cannot be embedded; the message names it."""
 
 
-@torch.no_grad()
+def _rng_untouched(device):
+    """Embedding draws nothing that training would otherwise draw (a DataLoader takes its base seed
+    from torch's generator): a run's weights do not depend on how often it embeds its probes
+    (train.checkpoint_every, train.trace_every)."""
+    return torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else [])
+
+
 @torch.no_grad()  # evaluation: no autograd graph to hold (the model may be mid-training)
 def embed_probe(model, tokenizer, probe: ProbeSet, device, batch_size: int = 256,
                 num_workers: int = 0) -> DomainEmbeddings:
     """L2-normalised image and text features of one probe set. Images that are not held decoded
     (real data over data.probe_cache_mb) are decoded by `num_workers` DataLoader workers."""
+    with _rng_untouched(device):
+        return _embed_probe(model, tokenizer, probe, device, batch_size, num_workers)
+
+
+def _embed_probe(model, tokenizer, probe, device, batch_size, num_workers):
     was_training = model.training
     model.eval()
     images = []
@@ -55,6 +66,11 @@ def embed_probes_together(model, tokenizer, probes: list[ProbeSet], device, batc
     """embed_probe of each of `probes` (name -> embeddings), their images and their captions run
     through the model in shared batches: for small probe sets (a fine trace's) one forward per
     probe set would cost more in per-call overhead than in arithmetic."""
+    with _rng_untouched(device):
+        return _embed_probes_together(model, tokenizer, probes, device, batch_size, num_workers)
+
+
+def _embed_probes_together(model, tokenizer, probes, device, batch_size, num_workers):
     was_training = model.training
     model.eval()
     loader = DataLoader(ConcatDataset([p.images for p in probes]), batch_size=batch_size, shuffle=False,

@@ -375,12 +375,8 @@ class Trainer:
         """A fine trace at `step` (train.trace_every): the probe sets' first train.trace_size images
         and their captions, embedded; no weights, no optimizer, no eval line."""
         n = self.config["train"]["trace_size"]
-        # fork_rng: embedding draws nothing training would otherwise draw (a DataLoader's base seed),
-        # so a run with fine traces trains exactly as one without.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            embeddings = embed_probes_together(unwrap(self.model), self.tokenizer, self.fine_probes, self.device,
-                                               self.config["train"]["eval_batch_size"],
-                                               self.config["data"]["num_workers"])
+        embeddings = embed_probes_together(unwrap(self.model), self.tokenizer, self.fine_probes, self.device,
+                                           self.config["train"]["eval_batch_size"], self.config["data"]["num_workers"])
         bad = first_nonfinite({"fine trace embeddings": {name: vars(e) for name, e in embeddings.items()}})
         if bad:
             raise Diverged(f"{bad} is not finite")
