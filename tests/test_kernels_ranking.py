@@ -320,14 +320,16 @@ def probe_with_ties(kind):
 
 @pytest.mark.parametrize("kind", ["rank0", "rank30", "rank1%", "unrelated"])
 @pytest.mark.parametrize("path", ["fp32", "bf16-resolved", "bf16-fallback"])
-@pytest.mark.parametrize("sparse", [0.0, 1.0])
-def test_ranks_every_path_on_every_data_kind(kind, path, sparse, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_ranks_every_path_on_every_data_kind(kind, path, compiled, monkeypatch):
     """ranking_torch.retrieval_ranks forced down each path on each kind of benchmark data, against
     the brute-force fp64 count: fp32 tiles; bf16 tiles whose bands are all resolved (fp32 step,
     then exact); bf16 tiles all recounted in fp32 (RESOLVE_MAX_FRACTION 0 / inf); and either way
-    of `_direction` (reading the groups holding an entry ≥ lo, or counting above hi first:
-    SPARSE_GROUPS 1 / 0). Ragged, padded tiles of 64 × 100."""
-    monkeypatch.setattr(ranking_torch, "SPARSE_GROUPS", sparse)
+    of counting a tile's groups and scoring its band in fp32 (eager, or compiled:
+    COMPILE_MIN_PAIRS inf / 0). Ragged, padded tiles of 64 × 100."""
+    monkeypatch.setattr(ranking_torch, "COMPILE_MIN_PAIRS", 0 if compiled else float("inf"))
+    if compiled:
+        assert ranking_torch._compiled_tile_kernels() is not None  # this machine compiles
     if path != "fp32":
         monkeypatch.setattr(ranking_torch, "RESOLVE_MAX_FRACTION", float("inf") if path == "bf16-resolved" else 0.0)
     image, text = probe_with_ties(kind)
@@ -357,3 +359,52 @@ def test_fp32_dots_within_the_fp32_bound():
     exact = ranking_torch._exact_dots(a, b, rows, cols)
     bound = ranking_torch._fp32_error(a.norm(dim=1)[rows], b.norm(dim=1)[cols], 256)
     assert ((f - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(256, 512), (512, 256)])
+def test_band_masks_compiled_equal_eager_equal_brute_force(dtype, shape):
+    """`_band_masks` (one read of a tile per direction), eager and compiled, against an entry-by-
+    entry count: #entries > hi per group, and bit k of a group's mask set exactly where its entry k
+    lies in [lo, hi], with entries equal to lo and to hi, −inf padding and both directions."""
+    g = torch.Generator().manual_seed(3)
+    mp, np_ = shape
+    s = (torch.randn(mp, np_, generator=g) * 0.1).to(dtype)
+    s[:, -40:] = float("-inf")  # padding
+    lo_r, hi_r = s[:, :1].clone(), s[:, 1:2].clone()  # entries equal to lo and hi in every row
+    lo_r, hi_r = torch.minimum(lo_r, hi_r), torch.maximum(lo_r, hi_r)
+    lo_c, hi_c = torch.minimum(s[:1], s[1:2]), torch.maximum(s[:1], s[1:2])
+    compiled = ranking_torch._compiled_tile_kernels()
+    assert compiled is not None
+    G = ranking_torch.BAND_GROUP
+    for dim, lo, hi in ((1, lo_r, hi_r), (0, lo_c, hi_c)):
+        above, mask = ranking_torch._band_masks(s, lo, hi, dim)
+        above_c, mask_c = compiled.masks(s, lo, hi, dim)
+        assert torch.equal(above, above_c) and torch.equal(mask, mask_c)
+        in_band, gt = (s >= lo) & (s <= hi), s > hi
+        if dim == 1:  # group j of row i: columns j, j + G', …  (G' = np / BAND_GROUP)
+            in_band, gt = in_band.view(mp, G, -1), gt.view(mp, G, -1)
+        else:  # group j of column c: rows j·G … j·G + G − 1
+            in_band, gt = in_band.view(-1, G, np_), gt.view(-1, G, np_)
+        weights = (2 ** torch.arange(G)).view(1, G, 1)
+        assert torch.equal(above.long(), gt.sum(1)) and torch.equal(mask.long(), (in_band.long() * weights).sum(1))
+        assert int(in_band.sum()) >= s.shape[1 - dim]  # the ties to lo and hi are in the band
+
+
+def test_ranks_without_a_compiler_warn_once_and_count_eagerly(monkeypatch):
+    """Where torch.compile fails (no C++ compiler), retrieval_ranks warns and counts with the eager
+    twins of its tile kernels: the same ranks."""
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(ranking_torch, "COMPILE_MIN_PAIRS", 0)
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    ranking_torch._compiled_tile_kernels.cache_clear()
+    try:
+        image, text = probe_with_ties("rank30")
+        with pytest.warns(RuntimeWarning, match="no C.. compiler.*eager"):
+            got = ranking_torch.retrieval_ranks(image, text, block_q=64, block_g=100, approx=True)
+        want = brute_force_ranks(image, text)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    finally:
+        ranking_torch._compiled_tile_kernels.cache_clear()
