@@ -3,8 +3,8 @@ conventions are in ranking.py).
 
 Tiles of at most block_q × block_g scores; on the CPU, blocks of query rows run concurrently on
 worker threads (geomlab.runtime.map_threads), except where `retrieval_ranks` uses its compiled
-tile kernels (`_compiled_tile_kernels`), which parallelise inside. On CPUs with bf16 dot-product instructions both
-`topk` and `retrieval_ranks` compute their tiles with bf16 GEMMs (several times the fp32 rate)
+tile kernels (`_compiled_tile_kernels`), which parallelise inside. On CPUs with bf16 dot-product
+instructions both `topk` and `retrieval_ranks` compute their tiles with bf16 GEMMs (several times the fp32 rate)
 and still return exact fp32 results: a rigorous bound on the bf16 score error (`_bf16_error`)
 says which entries the bf16 scores decide, and only the others are scored exactly.
 """
@@ -360,13 +360,14 @@ RECOUNT_NS_PER_ENTRY = 8.5
 #: GEMM, and so is the rest of its row block: past it the recount costs less than deciding the
 #: band (the case of positives in the bulk of their rows, e.g. unrelated random features).
 RESOLVE_MAX_FRACTION = RECOUNT_NS_PER_ENTRY / RESOLVE_NS_PER_ENTRY
-#: entries per group of a rank tile's line (`_band_group_counts`): the groups holding a band entry
-#: are read entry by entry, so the smaller, the less is read besides the band entries; the larger,
-#: the fewer groups are counted and searched.
+#: entries per group of a rank tile's line (`_band_masks`): one bit each in the group's band mask.
+#: Smaller groups leave fewer empty bits to decode around each band entry, larger ones fewer masks
+#: to search (8 measured fastest of 8, 16, 32 and 64 at median ranks 30 and 1% of N).
 BAND_GROUP = 8
 #: smallest number of image × caption pairs for which `retrieval_ranks` counts its tiles with the
-#: compiled tile kernels (`_compiled_tile_kernels`, on the CPU): below it a process's first call would spend longer
-#: compiling (a few seconds; later processes read torch's on-disk cache) than it saves.
+#: compiled tile kernels (`_compiled_tile_kernels`, on the CPU): below it a process's first call
+#: would spend longer compiling (a few seconds; later processes read torch's on-disk cache) than it
+#: saves.
 COMPILE_MIN_PAIRS = 1 << 24
 #: smallest number of images and of captions for which `retrieval_ranks` takes bf16 tiles by itself.
 RANK_APPROX_MIN = 4096
@@ -438,7 +439,8 @@ def _band_masks(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int):
 
 
 def _gathered_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """a[rows[k]]·b[cols[k]] for every k in a's dtype (the band's first step, `_fp32_dots`)."""
+    """a[rows[k]]·b[cols[k]] for every k in a's dtype: `_fp32_dots`' formula (compiled whole, eager
+    in chunks)."""
     return (a[rows] * b[cols]).sum(1)
 
 
@@ -513,7 +515,7 @@ def _fp32_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch
     out = torch.empty(rows.numel(), device=a.device)
     for k0 in range(0, rows.numel(), chunk):
         k1 = min(rows.numel(), k0 + chunk)
-        out[k0:k1] = a.index_select(0, rows[k0:k1]).mul_(b.index_select(0, cols[k0:k1])).sum(1)
+        out[k0:k1] = _gathered_dots(a, b, rows[k0:k1], cols[k0:k1])
     return out
 
 
@@ -585,8 +587,8 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
     "tiles", "fp32_tiles" (tiles counted from fp32 GEMMs), "band_i2t" and "band_t2i" (band
     entries scored again per direction, the positives' own excluded), "resolved_i2t",
     "resolved_t2i" and their sum "resolved" (those scored exactly), and "seconds": thread-seconds
-    (summed over the worker threads; wall seconds with the compiled tile kernels) of each of PHASES, and "setup" (the positives' exact scores,
-    norms and bands, before the tiles)."""
+    (summed over the worker threads; wall seconds with the compiled tile kernels) of each of
+    PHASES, and "setup" (the positives' exact scores, norms and bands, before the tiles)."""
     check_pair(image, text)
     n_img, n_txt = image.shape[0], text.shape[0]
     dev, d = image.device, image.shape[1]
@@ -636,7 +638,6 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
             size = _round_up(min(bi, n_img), COUNT_GROUP) * _round_up(bt, COUNT_GROUP)
             setattr(local, str(dtype), torch.empty(size, dtype=dtype, device=dev))
         return getattr(local, str(dtype))
-
 
     def block(i0):
         i1 = min(n_img, i0 + bi)
