@@ -4,9 +4,11 @@ conventions are in ranking.py).
 Tiles of at most block_q × block_g scores; on the CPU, blocks of query rows run concurrently on
 worker threads (geomlab.runtime.map_threads), except where `retrieval_ranks` uses its compiled
 tile kernels (`_compiled_tile_kernels`), which parallelise inside. On CPUs with bf16 dot-product
-instructions both `topk` and `retrieval_ranks` compute their tiles with bf16 GEMMs (several times the fp32 rate)
-and still return exact fp32 results: a rigorous bound on the bf16 score error (`_bf16_error`)
-says which entries the bf16 scores decide, and only the others are scored exactly.
+instructions both `topk` and `retrieval_ranks` compute their tiles with bf16 GEMMs (several times
+the fp32 rate), and `retrieval_ranks` recounts tiles whose bf16 band is too wide from two int8
+levels of each feature (exact integer GEMMs, `_int8_split`); both still return exact fp32
+results: a rigorous bound on each tile's score error (`_bf16_error`, `_int8_error`) says which
+entries the tile decides, and only the others are scored exactly.
 """
 from __future__ import annotations
 
@@ -350,16 +352,18 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, block_q: int |
     return out_v, out_i
 
 
-#: one thread of the idle 2-core development machine (Xeon @ 2.8 GHz, no bf16 instructions; median
-#: of 5 runs), measured by deciding 100,000 band entries of one 2048² tile with `_beats` (fp32
-#: step, then exact), and by recounting such a tile from an fp32 GEMM with both `_direction`
-#: passes: nanoseconds per band entry, and per tile entry.
-RESOLVE_NS_PER_ENTRY = 502
-RECOUNT_NS_PER_ENTRY = 8.5
-#: a bf16 rank tile with more ambiguous entries than this fraction of it is recounted from an fp32
-#: GEMM, and so is the rest of its row block: past it the recount costs less than deciding the
-#: band (the case of positives in the bulk of their rows, e.g. unrelated random features).
-RESOLVE_MAX_FRACTION = RECOUNT_NS_PER_ENTRY / RESOLVE_NS_PER_ENTRY
+#: this machine's costs (the idle 2-core AMD EPYC with bf16 and int8 dot-product instructions,
+#: compiled tile kernels, N = 50,000, d = 256: each kind of benchmark data counted with bf16 tiles
+#: throughout and with int8 tiles throughout): what deciding one band entry of a bf16 tile adds
+#: (decoding it, `_beats`), and what an int8 tile costs beyond a bf16 tile with an empty band, per
+#: tile entry. In nanoseconds.
+RESOLVE_NS_PER_ENTRY = 70.0
+RECOUNT_NS_PER_ENTRY = 1.1
+#: a bf16 rank tile one of whose directions holds more ambiguous entries than this fraction of it
+#: is recounted from int8 levels, and so is the rest of its row block: past it (both directions
+#: hold about as many) deciding the band costs more than the int8 tile (the case of positives far
+#: from the top of their rows: about 1% of N and beyond, or unrelated features).
+RESOLVE_MAX_FRACTION = RECOUNT_NS_PER_ENTRY / (2 * RESOLVE_NS_PER_ENTRY)
 #: entries per group of a rank tile's line (`_band_masks`): one bit each in the group's band mask.
 #: Smaller groups leave fewer empty bits to decode around each band entry, larger ones fewer masks
 #: to search (8 measured fastest of 8, 16, 32 and 64 at median ranks 30 and 1% of N).
@@ -372,51 +376,138 @@ COMPILE_MIN_PAIRS = 1 << 24
 #: smallest number of images and of captions for which `retrieval_ranks` takes bf16 tiles by itself.
 RANK_APPROX_MIN = 4096
 #: the phases of a rank tile whose time `retrieval_ranks` reports in stats["seconds"]: its GEMM,
-#: its comparison and counting passes, the exact scoring of its band entries, and the fp32 GEMM and
-#: counting passes of a tile recounted after its bf16 band held too many entries.
+#: its counting passes, the scoring of its band entries, and the int8 GEMMs (with their widening
+#: to fp32 scores) and counting passes of a tile recounted after its bf16 band held too many
+#: entries.
 PHASES = ("gemm", "count", "resolve", "recount")
+#: the per-block counters of `retrieval_ranks`' stats (with PHASES).
+TALLIES = ("fp32_tiles", "bf16_tiles", "int8_tiles", "band_i2t", "band_t2i", "resolved_i2t", "resolved_t2i")
+#: the fine level's steps per coarse step of `_int8_split`: x ≈ scale·(q₁ + q₂/INT8_SPLIT), both
+#: levels in [−127, 127] (the coarse level's rounding error, at most half a step, times 254).
+INT8_SPLIT = 254
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _exact_scores(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """a[rows[k]]·b[cols[k]] for every k, computed in fp64 and rounded once to fp32: the scores that
+    decide every rank (a row-wise reduction, so identical vectors always score identically within
+    one call; eager in chunks, `_exact_dots`, or compiled whole, `_compiled_tile_kernels`)."""
+    return (a[rows].double() * b[cols].double()).sum(1).float()
+
+
 def _exact_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                 chunk: int = 8192) -> torch.Tensor:
-    """a[rows[k]]·b[cols[k]] for every k, computed in fp64 and rounded once to fp32: the scores that
-    decide every rank (a row-wise reduction, so identical vectors always score identically)."""
+    """`_exact_scores` in chunks of pairs (bounded fp64 temporaries)."""
     out = torch.empty(rows.numel(), device=a.device)
     for k0 in range(0, rows.numel(), chunk):
         k1 = min(rows.numel(), k0 + chunk)
-        x = a.index_select(0, rows[k0:k1]).double()
-        out[k0:k1] = x.mul_(b.index_select(0, cols[k0:k1]).double()).sum(1)
+        out[k0:k1] = _exact_scores(a, b, rows[k0:k1], cols[k0:k1])
     return out
 
 
-def _bands(pos, norm, res, other_norm, other_res, d: int, dtype):
-    """(lo, hi) per positive score `pos` of a query row (norm ‖a‖, bf16 residual ‖a − â‖) against
-    gallery rows (largest norm and residual `other_*`), in the tile dtype: a tile entry above hi
-    surely has an exact score above pos, one below lo surely below; entries in [lo, hi] are
-    decided by their exact score. Rows without a positive (pos = −inf) get +inf: they count nothing.
+class Int8Split(NamedTuple):
+    """Every row x of a feature matrix as two int8 levels, x̃ = scale·(q₁ + q₂/INT8_SPLIT), and what
+    bounds the error of scoring with them (docs/definitions.md, "int8 tiles"). `levels` [N, 2d]
+    holds q₁ | q₂ on the image side and q₂ | q₁ on the caption side: then one int8 GEMM of the first
+    d image columns with the last d caption columns gives q₁·p₁, and one over all 2d columns
+    q₁·p₂ + q₂·p₁ (`_int8_tile`). Per row, fp32: `scale`; `step`, scale/INT8_SPLIT rounded;
+    `residual` ≥ ‖x − x̃‖; `size` ≥ scale·(‖q₁‖ + ‖q₂‖/INT8_SPLIT) ≥ ‖x̃‖; `fine` ≥
+    scale·‖q₂‖/INT8_SPLIT."""
+    levels: torch.Tensor
+    scale: torch.Tensor
+    step: torch.Tensor
+    residual: torch.Tensor
+    size: torch.Tensor
+    fine: torch.Tensor
 
-    The half-width is the tile's error bound (`_fp32_error`, `_bf16_error` plus the bf16 output
-    rounding, ≤ 2⁻⁸|s|, here with |s| ≤ |pos| + w), and bf16 bounds are rounded outwards."""
-    if dtype == torch.float32:
-        w = _fp32_error(norm, other_norm, d)
-    else:
-        w = (1 + 2.0 ** -5) * (_bf16_error(norm, res, other_norm, other_res, d) + 2.0 ** -8 * pos.abs())
+
+def _up(x64: torch.Tensor) -> torch.Tensor:
+    """x (fp64, ≥ 0) rounded up to fp32, with a relative margin 2⁻²⁰ for its own fp64 rounding."""
+    x32 = (x64 * (1 + 2.0 ** -20)).float()
+    return torch.where(x32.double() < x64, torch.nextafter(x32, torch.full_like(x32, float("inf"))), x32)
+
+
+def _int8_split(x: torch.Tensor, caption_side: bool, chunk: int = 8192) -> Int8Split:
+    """The Int8Split of x [N, d] (fp32), in chunks of rows (no N × d fp64 temporary)."""
+    n, d = x.shape
+    levels = torch.empty(n, 2 * d, dtype=torch.int8, device=x.device)
+    scale, residual, size, fine = (torch.empty(n, device=x.device) for _ in range(4))
+    for i0 in range(0, n, chunk):
+        xc = x[i0:i0 + chunk].double()
+        s = (xc.abs().amax(1) / 127).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))  # a zero row: any scale represents it
+        y = xc / s.double().unsqueeze(1)
+        q1 = y.round().clamp_(-127, 127)
+        q2 = ((y - q1) * INT8_SPLIT).round_().clamp_(-127, 127)
+        i1 = i0 + xc.shape[0]
+        levels[i0:i1, :d] = (q2 if caption_side else q1).to(torch.int8)
+        levels[i0:i1, d:] = (q1 if caption_side else q2).to(torch.int8)
+        s64 = s.double()
+        e = (xc - s64.unsqueeze(1) * (q1 + q2 / INT8_SPLIT)).norm(dim=1)
+        scale[i0:i1] = s
+        residual[i0:i1] = _up(e + 2.0 ** -40 * xc.norm(dim=1))  # (+ the fp64 rounding of x − x̃)
+        size[i0:i1] = _up(s64 * (q1.norm(dim=1) + q2.norm(dim=1) / INT8_SPLIT))
+        fine[i0:i1] = _up(s64 * q2.norm(dim=1) / INT8_SPLIT)
+    return Int8Split(levels, scale, (scale / INT8_SPLIT).float(), residual, size, fine)
+
+
+def _int8_error(mine: Int8Split, norm: torch.Tensor, other: Int8Split, other_norm: torch.Tensor):
+    """Bound (fp64) on |int8 tile score − exact score| for each row of `mine` (norms ‖a‖) against
+    every row of `other` (norms ‖b‖), from the largest of the other side's quantities:
+    a·b − ã·b̃ = (a − ã)·b + ã·(b − b̃) gives ‖a − ã‖‖b‖ + ‖ã‖‖b − b̃‖; the GEMMs leave out the fine
+    levels' product, |scale_a·scale_b·q₂·p₂|/254² ≤ fine_a·fine_b; and the tile's fp32 evaluation
+    (`_widen`: at most 8 roundings) errs by at most 2⁻²¹·size_a·size_b."""
+    b_norm, b_res, b_size, b_fine = (t.max().double() for t in (other_norm, other.residual, other.size, other.fine))
+    a_size = mine.size.double()
+    return (mine.residual.double() * b_norm + a_size * b_res + mine.fine.double() * b_fine
+            + 2.0 ** -21 * a_size * b_size)
+
+
+def _bands(pos: torch.Tensor, w: torch.Tensor, dtype):
+    """(lo, hi) in the tile dtype, per positive score `pos` of a line and half-width w (fp64, the
+    tile's error bound): a tile entry above hi surely has an exact score (rounded to fp32) above
+    pos, one below lo surely below; entries in [lo, hi] are decided by their exact score. Lines
+    without a positive (pos = −inf) get +inf: they count nothing. 2⁻²²|pos| more covers the exact
+    score's rounding to fp32 (at most half an ulp of it); lo and hi are rounded outwards."""
+    w = (1 + 2.0 ** -10) * w + 2.0 ** -22 * pos.double().abs()
+    lo, hi = pos.double() - w, pos.double() + w
+    for t in (torch.float32, dtype):
+        lo_t, hi_t = lo.to(t), hi.to(t)
+        lo = torch.where(lo_t.double() > lo, torch.nextafter(lo_t, torch.full_like(lo_t, float("-inf"))), lo_t)
+        hi = torch.where(hi_t.double() < hi, torch.nextafter(hi_t, torch.full_like(hi_t, float("inf"))), hi_t)
     has = pos > float("-inf")
-    lo = torch.where(has, pos - w, float("inf"))
-    hi = torch.where(has, pos + w, float("inf"))
+    lo, hi = torch.where(has, lo, float("inf")), torch.where(has, hi, float("inf"))
     # padded with COUNT_GROUP entries, so that a padded tile's slice always exists
-    pad = torch.full((COUNT_GROUP,), float("inf"), device=pos.device)
-    lo, hi = torch.cat([lo, pad]), torch.cat([hi, pad])
-    if dtype == torch.float32:
-        return lo, hi
-    lo16, hi16 = lo.bfloat16(), hi.bfloat16()
-    lo16 = torch.where(lo16.float() > lo, torch.nextafter(lo16, torch.full_like(lo16, float("-inf"))), lo16)
-    hi16 = torch.where(hi16.float() < hi, torch.nextafter(hi16, torch.full_like(hi16, float("inf"))), hi16)
-    return lo16, hi16
+    pad = torch.full((COUNT_GROUP,), float("inf"), device=pos.device, dtype=dtype)
+    return torch.cat([lo, pad]), torch.cat([hi, pad])
+
+
+def _bf16_width(pos, norm, res, other_norm, other_res, d: int) -> torch.Tensor:
+    """Half-width (fp64) of a bf16 tile's band around each positive score `pos` of a row (norm ‖a‖,
+    bf16 residual ‖a − â‖) against the other side (norms, residuals; their largest stand in):
+    `_bf16_error` plus the accumulator's rounding to bf16 (≤ 2⁻⁸|s|, |s| ≤ |pos| + w), with a
+    margin 2⁻⁵ for the latter's own bound."""
+    error = _bf16_error(norm.double(), res.double(), other_norm.max().double(), other_res.max().double(), d)
+    return (1 + 2.0 ** -5) * (error + 2.0 ** -8 * pos.double().abs())
+
+
+def _widen(g1: torch.Tensor, g2: torch.Tensor, row_scale: torch.Tensor, col_step: torch.Tensor,
+           out: torch.Tensor) -> None:
+    """out = the fp32 scores of an int8 tile: (254·q₁·p₁ + (q₁·p₂ + q₂·p₁))·scale_a·step_b, from
+    the two int32 GEMM tiles g1 and g2 (`_int8_tile`)."""
+    out.copy_((g1.float() * INT8_SPLIT + g2.float()) * row_scale.unsqueeze(1) * col_step.unsqueeze(0))
+
+
+def _int8_tile(a: Int8Split, b: Int8Split, rows: slice, cols: slice, g1, g2, out, widen) -> None:
+    """The fp32 scores of image rows `rows` against caption rows `cols` into out [m, n], from two
+    exact int8 GEMMs into the int32 buffers g1, g2 (contiguous, [m, n])."""
+    d = a.levels.shape[1] // 2
+    torch._int_mm(a.levels[rows, :d], b.levels[cols, d:].T, out=g1)  # q₁·p₁
+    torch._int_mm(a.levels[rows], b.levels[cols].T, out=g2)  # q₁·p₂ + q₂·p₁
+    widen(g1, g2, a.scale[rows], b.step[cols], out)
 
 
 def _band_masks(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int):
@@ -438,19 +529,28 @@ def _band_masks(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int):
     return (v > hi).sum(1, dtype=torch.int32), (in_band << bit).sum(1, dtype=torch.int32)
 
 
-def _gathered_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """a[rows[k]]·b[cols[k]] for every k in a's dtype: `_fp32_dots`' formula (compiled whole, eager
-    in chunks)."""
-    return (a[rows] * b[cols]).sum(1)
+def _fp32_step(a, b, rows, cols, pos, norm_a, norm_b):
+    """(won, undecided), bool per pair k: the pairs (a[rows[k]], b[cols[k]]) scored in fp32, f (any
+    summation order: within `_fp32_error` of the exact score rounded to fp32, like an fp32 GEMM's),
+    against the positive's score pos[k]: won where f − error > pos (the exact score rounded to
+    fp32 is above pos), undecided where neither that nor f + error < pos holds."""
+    f = (a[rows] * b[cols]).sum(1)
+    err = _fp32_error(norm_a[rows], norm_b[cols], a.shape[1])
+    won = f - err > pos
+    return won, (f + err >= pos) & ~won
 
 
 class CompiledTileKernels(NamedTuple):
-    """`_band_masks` and `_fp32_dots` compiled by torch.compile: each direction's comparisons and
-    sums fused into one read of the tile (10–20× faster than eager torch's comparison passes, which
-    write flag tiles, and their sums), and the band's gathered fp32 dot products without gathering
-    the rows into temporaries first (about 25× faster)."""
+    """`_band_masks`, `_fp32_step`, `_widen` and `_exact_scores` compiled by torch.compile: each
+    direction's comparisons and sums fused into one read of the tile (10–20× faster than eager
+    torch's comparison passes, which write flag tiles, and their sums); the band's fp32 step and
+    its exact scores in one pass each, without gathering the rows into temporaries first (the
+    exact scores about 20× faster); and an int8 tile's two int32 GEMM results widened to fp32
+    scores in one pass."""
     masks: Callable
-    dots: Callable
+    step: Callable
+    widen: Callable
+    exact: Callable
 
 
 @functools.cache
@@ -461,24 +561,34 @@ def _compiled_tile_kernels() -> CompiledTileKernels | None:
     (OpenMP, torch's thread count), not over Python threads: `retrieval_ranks` runs them from one."""
     try:
         masks = torch.compile(_band_masks, dynamic=True)
-        gathered = torch.compile(_gathered_dots, dynamic=True)
+        step = torch.compile(_fp32_step, dynamic=True)
+        exact = torch.compile(_exact_scores, dynamic=True)
+        widen = torch.compile(_widen, dynamic=True)
         for dtype in (torch.bfloat16, torch.float32):
             # unequal sizes throughout, so that the graphs assume no two sizes equal
             tile = torch.zeros(2 * COUNT_GROUP, COUNT_GROUP, dtype=dtype)
             for dim, shape in ((1, (2 * COUNT_GROUP, 1)), (0, (1, COUNT_GROUP))):
                 # lo and hi two tensors (the same one twice would compile for `lo is hi` only)
                 masks(tile, torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), dim)
-        gathered(torch.zeros(5, 7), torch.zeros(6, 7), torch.arange(3), torch.arange(3))
+        step(torch.zeros(5, 7), torch.zeros(6, 7), torch.arange(3), torch.arange(3), torch.zeros(3),
+             torch.ones(5), torch.ones(6))
+        exact(torch.zeros(5, 7), torch.zeros(6, 7), torch.arange(3), torch.arange(3))
+        g = torch.zeros(5, 7, dtype=torch.int32)
+        widen(g, g.clone(), torch.ones(5), torch.ones(7), torch.empty(6, 9)[:5, :7])  # into a padded tile's view
     except Exception as e:  # noqa: BLE001 (any failure of the compiler stack: ranks still work)
         warnings.warn(f"retrieval_ranks: torch.compile of its tile kernels failed ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); counting with eager torch, more slowly",
                       RuntimeWarning, stacklevel=2)
         return None
 
-    def dots(a, b, rows, cols):  # (0 or 1 entries would compile graphs of their own)
-        return gathered(a, b, rows, cols) if rows.numel() > 1 else _fp32_dots(a, b, rows, cols)
+    # (0 or 1 pairs would compile graphs of their own)
+    def steps(a, b, rows, cols, pos, norm_a, norm_b):
+        return (step if rows.numel() > 1 else _fp32_steps)(a, b, rows, cols, pos, norm_a, norm_b)
 
-    return CompiledTileKernels(masks, dots)
+    def exact_scores(a, b, rows, cols):
+        return (exact if rows.numel() > 1 else _exact_dots)(a, b, rows, cols)
+
+    return CompiledTileKernels(masks, steps, widen, exact_scores)
 
 
 def _direction(s, lo, hi, own, dim: int, max_band: float, masks):
@@ -508,44 +618,38 @@ def _direction(s, lo, hi, own, dim: int, max_band: float, masks):
     return above.sum(0), ((hit // np_) * BAND_GROUP + j, hit % np_)
 
 
-def _fp32_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-               chunk: int = 8192) -> torch.Tensor:
-    """a[rows[k]]·b[cols[k]] for every k, gathered and accumulated in fp32 (any order: its error is
-    within `_fp32_error` of the exact score rounded to fp32, like an fp32 GEMM's)."""
-    out = torch.empty(rows.numel(), device=a.device)
+def _fp32_steps(a, b, rows, cols, pos, norm_a, norm_b, chunk: int = 8192):
+    """`_fp32_step` in chunks of pairs (the eager twin of the compiled step: bounded temporaries)."""
+    won = torch.empty(rows.numel(), dtype=torch.bool, device=a.device)
+    undecided = torch.empty_like(won)
     for k0 in range(0, rows.numel(), chunk):
         k1 = min(rows.numel(), k0 + chunk)
-        out[k0:k1] = _gathered_dots(a, b, rows[k0:k1], cols[k0:k1])
-    return out
+        won[k0:k1], undecided[k0:k1] = _fp32_step(a, b, rows[k0:k1], cols[k0:k1], pos[k0:k1], norm_a, norm_b)
+    return won, undecided
 
 
-def _beats(im, tx, img, txt, pos, gallery, own, norms=None, dots=_fp32_dots):
+def _beats(im, tx, img, txt, pos, gallery, own, step=None, exact_dots=_exact_dots):
     """(1 per pair (img[k], txt[k]) whose exact score beats the positive's (score pos[k], gallery
     index own[k]) as gallery item gallery[k] — higher, or equal with a smaller index — else 0;
-    the number of pairs decided: all but the positives themselves, which never count; the number
-    of those scored exactly).
+    the number of pairs other than the positives themselves, which never count; the number of
+    those scored exactly).
 
-    With `norms` = (‖image rows‖, ‖text rows‖) the pairs are first scored in fp32 (`dots`,
-    `_fp32_dots` or its compiled twin):
-    a pair whose fp32 score is more than `_fp32_error` away from pos is decided by it (the exact
-    score rounded to fp32 lies on the same side of pos, and is not equal to it); only the others
-    are scored exactly. Worth it where the band is wider than that error (bf16 tiles)."""
-    n_pairs = img.numel()
-    keep = (gallery != own).nonzero().squeeze(1)
-    img, txt, pos, gallery, own = (x.index_select(0, keep) for x in (img, txt, pos, gallery, own))
-    won = torch.zeros(keep.numel(), dtype=torch.bool, device=img.device)
-    exact = torch.arange(keep.numel(), device=img.device)
-    if norms is not None and keep.numel():
-        f = dots(im, tx, img, txt)
-        err = _fp32_error(norms[0].index_select(0, img), norms[1].index_select(0, txt), im.shape[1])
-        won = f - err > pos
-        exact = ((f + err >= pos) & ~won).nonzero().squeeze(1)
-    f = _exact_dots(im, tx, img.index_select(0, exact), txt.index_select(0, exact))
-    pos, gallery, own = (x.index_select(0, exact) for x in (pos, gallery, own))
-    won[exact] = (f > pos) | ((f == pos) & (gallery < own))
-    out = torch.zeros(n_pairs, dtype=torch.long, device=img.device)
-    out[keep] = won.long()
-    return out, keep.numel(), exact.numel()
+    With `step` (`_fp32_step` with the rows' norms, compiled or not) the pairs are first scored in
+    fp32, which decides every pair whose fp32 score is more than `_fp32_error` away from pos; only
+    the others, the positives among them, are scored exactly (`exact_dots`: the function that
+    scored the positives). Worth it where the band is wider than that error (bf16 and int8
+    tiles)."""
+    if step is None:
+        won = torch.zeros(img.numel(), dtype=torch.bool, device=img.device)
+        exact = torch.arange(img.numel(), device=img.device)
+    else:
+        won, undecided = step(im, tx, img, txt, pos)
+        exact = undecided.nonzero().squeeze(1)
+    f = exact_dots(im, tx, img.index_select(0, exact), txt.index_select(0, exact))
+    pos, gallery_x, own_x = (x.index_select(0, exact) for x in (pos, gallery, own))
+    won[exact] = (f > pos) | ((f == pos) & (gallery_x < own_x))
+    positives = int((gallery == own).sum())
+    return won.long(), img.numel() - positives, exact.numel() - int((gallery_x == own_x).sum())
 
 
 #: at most this many image × caption pairs (and no tile size, `approx` or `stats` asked for), every
@@ -571,24 +675,27 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
     """(image→text ranks [N_img], text→image ranks [N_txt]), int64, streamed: one pass over
     image-block × caption-block tiles counts both directions (rows for image→text, columns for
     text→image); memory beyond the inputs is a few tiles per worker plus O(N) vectors (and bf16
-    copies of the inputs with `approx`).
+    copies and int8 levels of the inputs with `approx`).
 
-    Every rank is decided by exact scores (`_exact_dots`): the positives' first (O(N·d)), then each
+    Every rank is decided by exact scores (`_exact_scores`): the positives' first (O(N·d)), then each
     tile sorts its entries, per row against the row's positive and per column against the column's,
     into surely above, surely below and a narrow band around the positive (`_bands`), with one
     counting pass per direction (`_direction`); only band entries other than the positive
-    itself are scored again: in fp32 first where the tile was bf16 (`_beats`), exactly where that
-    leaves them undecided.
+    itself are scored again: in fp32 first where the tile was not fp32 (`_beats`), exactly where
+    that leaves them undecided.
 
     `approx` (default: a CPU with fast bf16 GEMMs and at least RANK_APPROX_MIN images and
-    captions) computes the tiles with bf16 GEMMs, whose band is wider; a tile whose band holds
-    too many entries (RESOLVE_MAX_FRACTION) is recounted from an fp32 GEMM, as are the rest of its
-    row block. Either way the ranks are those of the exact scores. `stats`, if given, receives
-    "tiles", "fp32_tiles" (tiles counted from fp32 GEMMs), "band_i2t" and "band_t2i" (band
-    entries scored again per direction, the positives' own excluded), "resolved_i2t",
-    "resolved_t2i" and their sum "resolved" (those scored exactly), and "seconds": thread-seconds
-    (summed over the worker threads; wall seconds with the compiled tile kernels) of each of
-    PHASES, and "setup" (the positives' exact scores, norms and bands, before the tiles)."""
+    captions) computes the tiles with bf16 GEMMs, whose band is wide (about ±4·10⁻³ for unit
+    features); a tile whose band holds too many entries (RESOLVE_MAX_FRACTION) is recounted from
+    two int8 levels of each feature (`_int8_split`: exact integer GEMMs, a band about 40× narrower,
+    about twice the bf16 tile's cost), as are the rest of its row block. Either way the ranks are
+    those of the exact scores. `stats`, if given, receives "tiles", "fp32_tiles", "bf16_tiles" and
+    "int8_tiles" (the tiles counted at each precision), "band_i2t" and "band_t2i" (band entries
+    scored again per direction, the positives' own excluded), "resolved_i2t", "resolved_t2i" and
+    their sum "resolved" (those scored exactly), and "seconds": thread-seconds (summed over the
+    worker threads; wall seconds with the compiled tile kernels) of each of PHASES, and "setup"
+    (the positives' exact scores, norms, bf16 copies and bands, before the tiles; the int8 levels
+    are made when a first tile is recounted, in its "recount" time)."""
     check_pair(image, text)
     n_img, n_txt = image.shape[0], text.shape[0]
     dev, d = image.device, image.shape[1]
@@ -596,8 +703,12 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
     im, tx = _as_f32(image), _as_f32(text)
     if approx is None:
         approx = _fast_bf16_gemm(dev) and min(n_img, n_txt) >= RANK_APPROX_MIN
+    if approx and dev.type != "cpu":
+        raise ValueError(f"retrieval_ranks: approx=True (bf16 and int8 tiles) runs on the CPU only, got {dev}")
     t_setup = time.perf_counter()
-    pos_t = _exact_dots(im, tx, ci, torch.arange(n_txt, device=dev))  # each caption with its image
+    compiled = _compiled_tile_kernels() if dev.type == "cpu" and n_img * n_txt >= COMPILE_MIN_PAIRS else None
+    masks, step, widen, exact_dots = compiled if compiled else (_band_masks, _fp32_steps, _widen, _exact_dots)
+    pos_t = exact_dots(im, tx, ci, torch.arange(n_txt, device=dev))  # each caption with its image
     pos_i, best = best_caption(pos_t, ci, n_img)  # per image: best caption's score and index
     cnt_i = torch.zeros(n_img, dtype=torch.long, device=dev)
     if n_img == 0 or n_txt == 0:
@@ -606,17 +717,26 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
             and n_img * n_txt <= RANK_DENSE_MAX_PAIRS:
         return _dense_ranks(im, tx, ci, pos_t, pos_i, best)
     na, nt = im.norm(dim=1), tx.norm(dim=1)
-    # per tile precision: (image rows, caption rows, row bands, column bands), all in its dtype
-    precisions = {torch.float32: (im, tx, _bands(pos_i, na, None, nt.max(), None, d, torch.float32),
-                                  _bands(pos_t, nt, None, na.max(), None, d, torch.float32))}
+    na64, nt64 = na.double(), nt.double()
+    # per tile precision: (image side, caption side, row bands, column bands), bands in the tile dtype
+    precisions = {"fp32": (im, tx, _bands(pos_i, _fp32_error(na64, nt64.max(), d), torch.float32),
+                           _bands(pos_t, _fp32_error(nt64, na64.max(), d), torch.float32))}
     if approx:
         ib, ri = _bf16_residuals(im)
         tb, rt = _bf16_residuals(tx)
-        precisions[torch.bfloat16] = (ib, tb, _bands(pos_i, na, ri, nt.max(), rt.max(), d, torch.bfloat16),
-                                      _bands(pos_t, nt, rt, na.max(), ri.max(), d, torch.bfloat16))
+        precisions["bf16"] = (ib, tb, _bands(pos_i, _bf16_width(pos_i, na, ri, nt, rt, d), torch.bfloat16),
+                              _bands(pos_t, _bf16_width(pos_t, nt, rt, na, ri, d), torch.bfloat16))
     t_setup = time.perf_counter() - t_setup
-    compiled = _compiled_tile_kernels() if dev.type == "cpu" and n_img * n_txt >= COMPILE_MIN_PAIRS else None
-    masks, dots = (compiled.masks, compiled.dots) if compiled else (_band_masks, _fp32_dots)
+    int8_lock = threading.Lock()
+
+    def precision_of(name):  # the int8 levels are made when a first tile needs them
+        with int8_lock:
+            if name not in precisions:
+                ia, ta = _int8_split(im, caption_side=False), _int8_split(tx, caption_side=True)
+                precisions[name] = (ia, ta, _bands(pos_i, _int8_error(ia, na, ta, nt), torch.float32),
+                                    _bands(pos_t, _int8_error(ta, nt, ia, na), torch.float32))
+            return precisions[name]
+
     # ≥ 256 image rows per worker thread; one thread with the compiled kernels (they hold the GIL:
     # threads would queue for it), whose GEMMs and kernels then use torch's threads instead
     workers = 1 if compiled else _workers(dev, n_img // 256)
@@ -624,6 +744,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
     bt = max(1, min(block_g or RANK_BLOCK_G, n_txt))
     if bi >= COUNT_GROUP:
         bi = _round_up(bi, COUNT_GROUP)
+    size = _round_up(min(bi, n_img), COUNT_GROUP) * _round_up(bt, COUNT_GROUP)
     local = threading.local()
     partial_t = []  # one text→image count vector per worker thread, summed at the end
 
@@ -633,78 +754,82 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
             partial_t.append(local.cnt_t)
         return local.cnt_t
 
-    def buffer(dtype):  # this worker's tile buffer in the tile dtype
-        if not hasattr(local, str(dtype)):
-            size = _round_up(min(bi, n_img), COUNT_GROUP) * _round_up(bt, COUNT_GROUP)
-            setattr(local, str(dtype), torch.empty(size, dtype=dtype, device=dev))
-        return getattr(local, str(dtype))
+    def buffer(name, dtype):  # this worker's buffers: padded bf16 and fp32 tiles, int8 tiles' int32 GEMMs
+        if not hasattr(local, name):
+            setattr(local, name, torch.empty(size, dtype=dtype, device=dev))
+        return getattr(local, name)
+
+    def count_tile(i0, i1, t0, t1, precision, tally, cnt_t, phase):
+        """Counts the tile of image rows i0:i1 × captions t0:t1 at `precision` into cnt_i, cnt_t and
+        `tally`; False (nothing counted) where a bf16 band holds too many entries."""
+        m, n = i1 - i0, t1 - t0
+        mp, np_ = _round_up(m, COUNT_GROUP), _round_up(n, COUNT_GROUP)
+        t_start = time.perf_counter()
+        a, b, (lo_r, hi_r), (lo_c, hi_c) = precision_of(precision)
+        s = _tile(buffer(str(lo_r.dtype), lo_r.dtype), mp, np_)
+        if precision == "int8":
+            g1, g2 = (_tile(buffer(name, torch.int32), m, n) for name in ("g1", "g2"))
+            _int8_tile(a, b, slice(i0, i1), slice(t0, t1), g1, g2, s[:m, :n], widen)
+        else:
+            torch.mm(a[i0:i1], b[t0:t1].T, out=s[:m, :n])
+        if n < np_:
+            s[:, n:] = float("-inf")
+        if m < mp:
+            s[m:] = float("-inf")
+        t_gemm = time.perf_counter()
+        own_r = ((best[i0:i1] >= t0) & (best[i0:i1] < t1)).float()  # positive inside the tile
+        own_c = ((ci[t0:t1] >= i0) & (ci[t0:t1] < i1)).float()
+        max_band = RESOLVE_MAX_FRACTION * m * n if precision == "bf16" else float("inf")
+        rows = _direction(s, lo_r[i0:i0 + mp].unsqueeze(1), hi_r[i0:i0 + mp].unsqueeze(1), own_r, 1, max_band, masks)
+        cols = rows and _direction(s, lo_c[t0:t0 + np_].unsqueeze(0), hi_c[t0:t0 + np_].unsqueeze(0), own_c, 0,
+                                   max_band, masks)
+        t_count = time.perf_counter()
+        tally[phase or "gemm"] += t_gemm - t_start
+        tally[phase or "count"] += t_count - t_gemm
+        if not cols:
+            return False
+        tally[precision + "_tiles"] += 1
+        t_start = time.perf_counter()
+        (rows_hi, (r, c)), (cols_hi, (r2, c2)) = rows, cols
+        cnt_i[i0:i1] += rows_hi[:m]
+        cnt_t[t0:t1] += cols_hi[:n]
+        # (an fp32 band is as wide as the fp32 step's error: it would decide nothing)
+        first = None if precision == "fp32" else lambda a, b, r, c, p: step(a, b, r, c, p, na, nt)
+        img, txt = r + i0, c + t0
+        won, band, scored = _beats(im, tx, img, txt, pos_i[img], txt, best[img], first, exact_dots)
+        cnt_i.index_add_(0, img, won)
+        tally["band_i2t"] += band
+        tally["resolved_i2t"] += scored
+        img, txt = r2 + i0, c2 + t0
+        won, band, scored = _beats(im, tx, img, txt, pos_t[txt], img, ci[txt], first, exact_dots)
+        cnt_t.index_add_(0, txt, won)
+        tally["band_t2i"] += band
+        tally["resolved_t2i"] += scored
+        tally["resolve"] += time.perf_counter() - t_start
+        return True
 
     def block(i0):
         i1 = min(n_img, i0 + bi)
-        m = i1 - i0
-        mp = _round_up(m, COUNT_GROUP)
         cnt_t = worker_counts()
-        tiles = fp32_tiles = band_i2t = band_t2i = resolved_i2t = resolved_t2i = 0
-        seconds = dict.fromkeys(PHASES, 0.0)
-        dtype = torch.bfloat16 if approx else torch.float32
+        tally = dict.fromkeys(TALLIES, 0)
+        tally.update(dict.fromkeys(PHASES, 0.0))
+        precision = "bf16" if approx else "fp32"
         for t0 in range(0, n_txt, bt):
             t1 = min(n_txt, t0 + bt)
-            n = t1 - t0
-            np_ = _round_up(n, COUNT_GROUP)
-            own_r = ((best[i0:i1] >= t0) & (best[i0:i1] < t1)).float()  # positive inside the tile
-            own_c = ((ci[t0:t1] >= i0) & (ci[t0:t1] < i1)).float()
-            recount = False
-            while True:
-                a, b, (lo_r, hi_r), (lo_c, hi_c) = precisions[dtype]
-                buf = buffer(dtype)
-                t_start = time.perf_counter()
-                s = _tile(buf, mp, np_)
-                torch.mm(a[i0:i1], b[t0:t1].T, out=s[:m, :n])
-                if n < np_:
-                    s[:, n:] = float("-inf")
-                if m < mp:
-                    s[m:] = float("-inf")
-                t_gemm = time.perf_counter()
-                max_band = float("inf") if dtype == torch.float32 else RESOLVE_MAX_FRACTION * m * n
-                rows = _direction(s, lo_r[i0:i0 + mp].unsqueeze(1), hi_r[i0:i0 + mp].unsqueeze(1), own_r, 1,
-                                  max_band, masks)
-                cols = rows and _direction(s, lo_c[t0:t0 + np_].unsqueeze(0), hi_c[t0:t0 + np_].unsqueeze(0), own_c,
-                                           0, max_band, masks)
-                t_count = time.perf_counter()
-                phase = "recount" if recount else None
-                seconds[phase or "gemm"] += t_gemm - t_start
-                seconds[phase or "count"] += t_count - t_gemm
-                if cols:
-                    break
-                dtype = torch.float32  # too many entries to decide exactly: recount in fp32
-                recount = True
-            tiles += 1
-            fp32_tiles += dtype == torch.float32
-            t_start = time.perf_counter()
-            (rows_hi, (r, c)), (cols_hi, (r2, c2)) = rows, cols
-            cnt_i[i0:i1] += rows_hi[:m]
-            cnt_t[t0:t1] += cols_hi[:n]
-            norms = (na, nt) if dtype == torch.bfloat16 else None  # an fp32 band is as wide as that step's error
-            img, txt = r + i0, c + t0
-            won, band, scored = _beats(im, tx, img, txt, pos_i[img], txt, best[img], norms, dots)
-            cnt_i.index_add_(0, img, won)
-            band_i2t += band
-            resolved_i2t += scored
-            img, txt = r2 + i0, c2 + t0
-            won, band, scored = _beats(im, tx, img, txt, pos_t[txt], img, ci[txt], norms, dots)
-            cnt_t.index_add_(0, txt, won)
-            band_t2i += band
-            resolved_t2i += scored
-            seconds["resolve"] += time.perf_counter() - t_start
-        return tiles, fp32_tiles, band_i2t, band_t2i, resolved_i2t, resolved_t2i, seconds
+            if precision != "int8" and count_tile(i0, i1, t0, t1, precision, tally, cnt_t, None):
+                continue
+            phase = "recount" if precision == "bf16" else None  # (its band held too many entries)
+            precision = "int8"
+            count_tile(i0, i1, t0, t1, precision, tally, cnt_t, phase)
+        return tally
 
-    counts = map_threads(block, range(0, n_img, bi), workers)
+    tallies = map_threads(block, range(0, n_img, bi), workers)
     if stats is not None:
-        for key, value in zip(("tiles", "fp32_tiles", "band_i2t", "band_t2i", "resolved_i2t", "resolved_t2i"),
-                              map(sum, zip(*counts))):
-            stats[key] = value
+        for key in TALLIES:
+            stats[key] = sum(t[key] for t in tallies)
+        stats["tiles"] = stats["fp32_tiles"] + stats["bf16_tiles"] + stats["int8_tiles"]
         stats["resolved"] = stats["resolved_i2t"] + stats["resolved_t2i"]
-        stats["seconds"] = {"setup": t_setup, **{p: sum(c[-1][p] for c in counts) for p in PHASES}}
+        stats["seconds"] = {"setup": t_setup, **{p: sum(t[p] for t in tallies) for p in PHASES}}
     cnt_t = partial_t[0]
     for extra in partial_t[1:]:
         cnt_t += extra

@@ -232,7 +232,7 @@ def test_ranks_bf16_tiles_resolve_ties_exactly(captions_per_image, dtype):
     """The bf16 tiles of ranking_torch.retrieval_ranks against near-ties (scores within the bf16
     error of a positive, in both directions) and exact ties, with captions close to their image
     (positive scores ≈ 0.9, others ≈ 0: the case the bf16 pass is for). The tiles stay bf16 (small
-    tiles whose band holds sibling captions too may be recounted in fp32), the band entries are
+    tiles whose band holds sibling captions too may be recounted from int8 levels), the band entries are
     decided by exact scores (stats["resolved"]), and the ranks equal the dense fp32 reference."""
     image = unit(300, 32, 23)
     image[40:48] = near(image[39], torch.logspace(-4, -2, 8).unsqueeze(1), 1)  # caption 39's near-ties
@@ -249,21 +249,22 @@ def test_ranks_bf16_tiles_resolve_ties_exactly(captions_per_image, dtype):
         got = ranking_torch.retrieval_ranks(image, text, cap, block_q=block_q, block_g=block_g,
                                             approx=True, stats=stats)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (block_q, block_g)
-        assert stats["fp32_tiles"] < stats["tiles"] and stats["resolved"] >= 4, stats
-        assert block_q or stats["fp32_tiles"] == 0, stats
+        assert stats["bf16_tiles"] > 0 and stats["fp32_tiles"] == 0 and stats["resolved"] >= 4, stats
+        assert block_q or stats["int8_tiles"] == 0, stats
 
 
-def test_ranks_bf16_tiles_fall_back_to_fp32():
+def test_ranks_bf16_tiles_fall_back_to_int8():
     """Unrelated random features put every positive in the bulk of its row: the bf16 tiles hold
     too many ambiguous entries (d = 256: about 4% of them, above RESOLVE_MAX_FRACTION) and are
-    recounted from fp32 GEMMs, with the same exact ranks."""
+    recounted from int8 levels, whose band is far narrower, with the same exact ranks."""
     image, text = unit(300, 256, 24), unit(300, 256, 25)
     text[9] = text[4]
     stats = {}
     got = ranking_torch.retrieval_ranks(image, text, approx=True, block_q=128, stats=stats)
     want = reference.retrieval_ranks(image, text)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert stats["fp32_tiles"] == stats["tiles"] > 1
+    assert stats["int8_tiles"] == stats["tiles"] > 1 and stats["bf16_tiles"] == 0, stats
+    assert 2 <= stats["band_i2t"] + stats["band_t2i"] < 0.01 * 2 * 300 * 300, stats  # the tie, and few more
 
 
 @pytest.mark.parametrize("d", [24, 256])
@@ -284,12 +285,49 @@ def test_bf16_bounds_hold(d):
     assert ((approx.double() - exact).abs() <= bound[:, None] + 2.0 ** -8 * approx.double().abs()).all()
     exact = exact.float()  # exact scores rounded to fp32, the ones ranks are decided by
     pos = exact.diagonal()
-    for tile, res_a, res_b in ((approx, ra, rb), (a @ b.T, None, None)):
-        lo, hi = ranking_torch._bands(pos, a.norm(dim=1), res_a, b.norm(dim=1).max(),
-                                      None if res_b is None else res_b.max(), d, tile.dtype)
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    widths = (ranking_torch._bf16_width(pos, na, ra, nb, rb, d),
+              ranking_torch._fp32_error(na.double(), nb.max().double(), d))
+    for tile, w in zip((approx, a @ b.T), widths):
+        lo, hi = ranking_torch._bands(pos, w, tile.dtype)
         lo, hi = lo[:200, None], hi[:200, None]
         assert ((tile <= hi) | (exact > pos[:, None])).all() and ((tile >= lo) | (exact < pos[:, None])).all()
         assert (tile >= lo).logical_and(tile <= hi).float().mean() < 0.1  # the band is narrow
+
+
+@pytest.mark.parametrize("d", [24, 256, 1100])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_int8_bounds_hold(d, compiled):
+    """The bound the int8 tiles rest on, against this machine's int8 GEMMs and the widening
+    (eager, or compiled: it may fuse or reorder the fp32 roundings): |int8 tile score − exact
+    score| ≤ ranking_torch._int8_error, for rows of very different norms, a zero row, a row with
+    one dominant entry, near-parallel rows, and d up to where q₁·p₁ no longer fits fp32 exactly
+    (1100 · 127² > 2²⁴); the bands misplace no entry and are narrow."""
+    g = torch.Generator().manual_seed(d)
+    a = torch.randn(200, d, generator=g) * torch.rand(200, 1, generator=g) * 4
+    a[3] = 0
+    a[4, 0] = 1e3
+    b = torch.nn.functional.normalize(torch.randn(300, d, generator=g), dim=1)
+    b[:50] = near(b[50:100] * 3, 1e-3, 4)
+    ia = ranking_torch._int8_split(a, caption_side=False)
+    ib = ranking_torch._int8_split(b, caption_side=True)
+    g1, g2 = torch.empty(200, 300, dtype=torch.int32), torch.empty(200, 300, dtype=torch.int32)
+    tile = torch.empty(200, 301)[:, :300]  # a padded tile's view, as retrieval_ranks passes it
+    kernels = ranking_torch._compiled_tile_kernels() if compiled else None
+    assert kernels is not None or not compiled
+    widen = kernels.widen if compiled else ranking_torch._widen
+    ranking_torch._int8_tile(ia, ib, slice(0, 200), slice(0, 300), g1, g2, tile, widen)
+    exact = a.double() @ b.double().T
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    bound = ranking_torch._int8_error(ia, na, ib, nb)
+    assert ((tile.double() - exact).abs() <= bound[:, None]).all()
+    exact = exact.float()
+    pos = exact.diagonal()
+    lo, hi = ranking_torch._bands(pos, bound[:200], torch.float32)
+    lo, hi = lo[:200, None], hi[:200, None]
+    assert ((tile <= hi) | (exact > pos[:, None])).all() and ((tile >= lo) | (exact < pos[:, None])).all()
+    unit_rows = torch.arange(200) != 4
+    assert (tile >= lo).logical_and(tile <= hi)[unit_rows].float().mean() < 0.02  # narrow: the positives and few more
 
 
 def brute_force_ranks(image, text):
@@ -319,12 +357,12 @@ def probe_with_ties(kind):
 
 
 @pytest.mark.parametrize("kind", ["rank0", "rank30", "rank1%", "unrelated"])
-@pytest.mark.parametrize("path", ["fp32", "bf16-resolved", "bf16-fallback"])
+@pytest.mark.parametrize("path", ["fp32", "bf16-resolved", "int8-recount"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_ranks_every_path_on_every_data_kind(kind, path, compiled, monkeypatch):
     """ranking_torch.retrieval_ranks forced down each path on each kind of benchmark data, against
     the brute-force fp64 count: fp32 tiles; bf16 tiles whose bands are all resolved (fp32 step,
-    then exact); bf16 tiles all recounted in fp32 (RESOLVE_MAX_FRACTION 0 / inf); and either way
+    then exact); bf16 tiles all recounted from int8 levels (RESOLVE_MAX_FRACTION inf / 0); and either way
     of counting a tile's groups and scoring its band in fp32 (eager, or compiled:
     COMPILE_MIN_PAIRS inf / 0). Ragged, padded tiles of 64 × 100."""
     monkeypatch.setattr(ranking_torch, "COMPILE_MIN_PAIRS", 0 if compiled else float("inf"))
@@ -343,22 +381,32 @@ def test_ranks_every_path_on_every_data_kind(kind, path, compiled, monkeypatch):
     if path == "fp32":
         assert stats["fp32_tiles"] == stats["tiles"] and stats["resolved"] == band, stats
     elif path == "bf16-resolved":  # the fp32 step decides most band entries, the exact scores the rest
-        assert stats["fp32_tiles"] == 0 and stats["resolved"] < band, stats
+        assert stats["bf16_tiles"] == stats["tiles"] and stats["resolved"] < band, stats
     else:
-        assert 0 < stats["fp32_tiles"] <= stats["tiles"], stats
+        assert stats["int8_tiles"] == stats["tiles"] and stats["resolved"] <= band, stats
 
 
-def test_fp32_dots_within_the_fp32_bound():
-    """The first step of band resolution: gathered fp32 dot products lie within `_fp32_error` of
-    the exact scores rounded to fp32, for rows of very different norms and near-parallel pairs."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp32_step_decides_only_what_the_fp32_bound_allows(compiled):
+    """The first step of band resolution, eager and compiled: gathered fp32 dot products lie within
+    `_fp32_error` of the exact scores rounded to fp32 (rows of very different norms, near-parallel
+    pairs), so every pair it calls won has an exact score above pos and every pair it decides
+    otherwise one below; the pairs within the bound, the exact ties among them, stay undecided."""
     g = torch.Generator().manual_seed(9)
     a = torch.randn(400, 256, generator=g) * torch.rand(400, 1, generator=g) * 8
     b = torch.cat([near(a[:200] / 3, 1e-4, 10), torch.randn(200, 256, generator=g)])
     rows, cols = torch.arange(400).repeat(2), torch.randint(0, 400, (800,), generator=g)
-    f = ranking_torch._fp32_dots(a, b, rows, cols)
     exact = ranking_torch._exact_dots(a, b, rows, cols)
-    bound = ranking_torch._fp32_error(a.norm(dim=1)[rows], b.norm(dim=1)[cols], 256)
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    bound = ranking_torch._fp32_error(na[rows], nb[cols], 256)
+    f = (a[rows] * b[cols]).sum(1)  # the step's formula
     assert ((f - exact).abs() <= bound).all()
+    pos = exact + torch.where(torch.arange(800) % 3 == 0, 0.0, (torch.rand(800, generator=g) - 0.5) * 4 * bound)
+    step = ranking_torch._compiled_tile_kernels().step if compiled else ranking_torch._fp32_steps
+    won, undecided = step(a, b, rows, cols, pos, na, nb)
+    assert (exact[won] > pos[won]).all() and (exact[~won & ~undecided] < pos[~won & ~undecided]).all()
+    assert undecided[torch.arange(800) % 3 == 0].all()  # exact ties are never decided in fp32
+    assert 0 < int(undecided.sum()) < 800 and int(won.sum()) > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
