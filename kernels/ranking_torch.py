@@ -573,8 +573,10 @@ def _compiled_tile_kernels() -> CompiledTileKernels | None:
         step(torch.zeros(5, 7), torch.zeros(6, 7), torch.arange(3), torch.arange(3), torch.zeros(3),
              torch.ones(5), torch.ones(6))
         exact(torch.zeros(5, 7), torch.zeros(6, 7), torch.arange(3), torch.arange(3))
-        g = torch.zeros(5, 7, dtype=torch.int32)
-        widen(g, g.clone(), torch.ones(5), torch.ones(7), torch.empty(6, 9)[:5, :7])  # into a padded tile's view
+        # as `retrieval_ranks` passes them: views of flat buffers, into a whole and a ragged padded tile
+        g1, g2 = (_tile(torch.zeros(40, dtype=torch.int32), 5, 7) for _ in range(2))
+        for out in (_tile(torch.empty(40), 5, 7), _tile(torch.empty(60), 6, 9)[:5, :7]):
+            widen(g1, g2, torch.ones(5), torch.ones(7), out)
     except Exception as e:  # noqa: BLE001 (any failure of the compiler stack: ranks still work)
         warnings.warn(f"retrieval_ranks: torch.compile of its tile kernels failed ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); counting with eager torch, more slowly",
