@@ -424,10 +424,16 @@ class Int8Split(NamedTuple):
     fine: torch.Tensor
 
 
+def _round_toward(x: torch.Tensor, dtype, up: bool) -> torch.Tensor:
+    """x rounded to dtype towards +inf (up) or −inf: never below (above) x."""
+    t = x.to(dtype)
+    wrong = t.double() < x.double() if up else t.double() > x.double()
+    return torch.where(wrong, torch.nextafter(t, torch.full_like(t, float("inf") if up else float("-inf"))), t)
+
+
 def _up(x64: torch.Tensor) -> torch.Tensor:
     """x (fp64, ≥ 0) rounded up to fp32, with a relative margin 2⁻²⁰ for its own fp64 rounding."""
-    x32 = (x64 * (1 + 2.0 ** -20)).float()
-    return torch.where(x32.double() < x64, torch.nextafter(x32, torch.full_like(x32, float("inf"))), x32)
+    return _round_toward(x64 * (1 + 2.0 ** -20), torch.float32, up=True)
 
 
 def _int8_split(x: torch.Tensor, caption_side: bool, chunk: int = 8192) -> Int8Split:
@@ -474,10 +480,8 @@ def _bands(pos: torch.Tensor, w: torch.Tensor, dtype):
     score's rounding to fp32 (at most half an ulp of it); lo and hi are rounded outwards."""
     w = (1 + 2.0 ** -10) * w + 2.0 ** -22 * pos.double().abs()
     lo, hi = pos.double() - w, pos.double() + w
-    for t in (torch.float32, dtype):
-        lo_t, hi_t = lo.to(t), hi.to(t)
-        lo = torch.where(lo_t.double() > lo, torch.nextafter(lo_t, torch.full_like(lo_t, float("-inf"))), lo_t)
-        hi = torch.where(hi_t.double() < hi, torch.nextafter(hi_t, torch.full_like(hi_t, float("inf"))), hi_t)
+    for t in (torch.float32, dtype):  # (bf16 through fp32: every bf16 number is an fp32 one)
+        lo, hi = _round_toward(lo, t, up=False), _round_toward(hi, t, up=True)
     has = pos > float("-inf")
     lo, hi = torch.where(has, lo, float("inf")), torch.where(has, hi, float("inf"))
     # padded with COUNT_GROUP entries, so that a padded tile's slice always exists
