@@ -564,10 +564,12 @@ def _compiled_tile_kernels() -> CompiledTileKernels | None:
     more slowly. Inductor's CPU kernels hold the GIL while they run, so they parallelise inside
     (OpenMP, torch's thread count), not over Python threads: `retrieval_ranks` runs them from one."""
     try:
-        masks = torch.compile(_band_masks, dynamic=True)
-        step = torch.compile(_fp32_step, dynamic=True)
-        exact = torch.compile(_exact_scores, dynamic=True)
-        widen = torch.compile(_widen, dynamic=True)
+        # Every kernel parallel over torch's threads whatever the example it is compiled from: by
+        # default Inductor parallelises only where that example holds enough work, and the graph
+        # (dynamic, and cached on disk without the example's sizes) then serves every size: a
+        # small example gave serial band kernels, on one core of two.
+        masks, step, exact, widen = (torch.compile(f, dynamic=True, options={"cpp.dynamic_threads": True})
+                                     for f in (_band_masks, _fp32_step, _exact_scores, _widen))
         for dtype in (torch.bfloat16, torch.float32):
             # unequal sizes throughout, so that the graphs assume no two sizes equal
             tile = torch.zeros(2 * COUNT_GROUP, COUNT_GROUP, dtype=dtype)
@@ -645,16 +647,16 @@ def _beats(im, tx, img, txt, pos, gallery, own, step=None, exact_dots=_exact_dot
     the others, the positives among them, are scored exactly (`exact_dots`: the function that
     scored the positives). Worth it where the band is wider than that error (bf16 and int8
     tiles)."""
-    if step is None:
-        won = torch.zeros(img.numel(), dtype=torch.bool, device=img.device)
-        exact = torch.arange(img.numel(), device=img.device)
-    else:
-        won, undecided = step(im, tx, img, txt, pos)
-        exact = undecided.nonzero().squeeze(1)
+    positives = int((gallery == own).sum())
+    if step is None:  # every pair scored exactly
+        f = exact_dots(im, tx, img, txt)
+        won = (f > pos) | ((f == pos) & (gallery < own))
+        return won.long(), img.numel() - positives, img.numel() - positives
+    won, undecided = step(im, tx, img, txt, pos)
+    exact = undecided.nonzero().squeeze(1)
     f = exact_dots(im, tx, img.index_select(0, exact), txt.index_select(0, exact))
     pos, gallery_x, own_x = (x.index_select(0, exact) for x in (pos, gallery, own))
     won[exact] = (f > pos) | ((f == pos) & (gallery_x < own_x))
-    positives = int((gallery == own).sum())
     return won.long(), img.numel() - positives, exact.numel() - int((gallery_x == own_x).sum())
 
 
