@@ -311,42 +311,44 @@ def _sphere_mesh():
 def sphere(a: dict, strategy: str | None = None) -> go.Figure:
     """Probe embeddings projected on the sphere (3-component PCA fitted at the base checkpoint,
     each point scaled to unit length) at every checkpoint of one strategy, with a slider.
-    Colour: probe set; circles: images; diamonds: texts (the legend says both); hover: the caption."""
+    Colour: probe set; circles: images; diamonds: texts (the legend says both); hover: the caption.
+
+    One trace per (probe set, modality), holding its points' captions once; the slider moves the
+    points (`restyle` of x, y, z). A trace per checkpoint repeated every caption at every
+    checkpoint: about 70% of a report's bytes."""
     name = strategy or next(iter(a["strategies"]))
     s = a["strategies"][name]
     samples = a["sphere"]["samples"]
     domains = a["domains"]
     labels = _labels(s)
-    per = 2 * len(domains)  # traces per checkpoint: one per (probe set, modality)
-    traces = []
-    for k, pts in enumerate(s["sphere"]):
-        for di, d in enumerate(domains):
-            caps = samples[d].get("captions")
-            hover = [esc(caps[i] if caps else f"id {samples[d]['ids'][i]}") for i in range(len(pts[d]["image"]))]
-            for mod, symbol in (("image", "circle"), ("text", "diamond")):
-                xyz = pts[d][mod]
-                traces.append(dict(
-                    type="scatter3d", x=[p[0] for p in xyz], y=[p[1] for p in xyz], z=[p[2] for p in xyz],
-                    mode="markers", name=mod, legendgroup=esc(d), legendgrouptitle=dict(text=f"probe set {esc(d)}"),
-                    visible=k == 0, marker=dict(size=3 if mod == "image" else 2.5, color=PALETTE[di % len(PALETTE)],
-                                                symbol=symbol, opacity=0.85),
-                    hovertext=[f"{esc(d)} · {mod}<br>{c}" for c in hover], hoverinfo="text"))
-    n = len(s["sphere"])
+    first = s["sphere"][0]
+    traces, keys = [], []
+    for di, d in enumerate(domains):
+        caps = samples[d].get("captions")
+        hover = [esc(caps[i] if caps else f"id {samples[d]['ids'][i]}") for i in range(len(first[d]["image"]))]
+        for mod, symbol in (("image", "circle"), ("text", "diamond")):
+            xyz = first[d][mod]
+            keys.append((d, mod))
+            traces.append(dict(
+                type="scatter3d", x=[p[0] for p in xyz], y=[p[1] for p in xyz], z=[p[2] for p in xyz],
+                mode="markers", name=mod, legendgroup=esc(d), legendgrouptitle=dict(text=f"probe set {esc(d)}"),
+                visible=True, marker=dict(size=3 if mod == "image" else 2.5, color=PALETTE[di % len(PALETTE)],
+                                          symbol=symbol, opacity=0.85),
+                hovertext=[f"{esc(d)} · {mod}<br>{c}" for c in hover], hoverinfo="text"))
     steps = []
-    for k in range(n):
-        vis = [True] + [kk == k for kk in range(n) for _ in range(per)]
-        steps.append(dict(method="restyle", args=[{"visible": vis}], label=labels[k]))
+    for k, pts in enumerate(s["sphere"]):
+        # (trace 0 is the sphere's mesh)
+        moved = {axis: [[p[i] for p in pts[d][mod]] for d, mod in keys] for i, axis in enumerate("xyz")}
+        steps.append(dict(method="restyle", args=[moved, list(range(1, len(keys) + 1))], label=labels[k]))
     layout = go.Layout(sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="checkpoint: "), pad=dict(t=30))],
                        scene=dict(aspectmode="cube", xaxis_title="PC1", yaxis_title="PC2", zaxis_title="PC3"),
                        legend=dict(title_text="colour: probe set · ● image ◆ text", groupclick="togglegroup",
                                    itemsizing="constant"),
                        height=620, template="plotly_white", margin=dict(l=0, r=0, t=60, b=0),
                        title=f"{esc(name)}: probe embeddings on the sphere (PCA fitted at {esc(a['sphere']['fit_at'])})")
-    # Hundreds of 3-D traces (checkpoints × probe sets × modalities): plotly's check of every
-    # property of every point list took a quarter of an analysis; the traces are built from fixed,
-    # known-good properties (the layout above is checked), so the figure takes them unchecked.
-    fig = go.Figure([_sphere_mesh(), *traces], layout=layout, _validate=False)
-    return fig
+    # The traces are built from fixed, known-good properties (the layout above is checked), so the
+    # figure takes them unchecked: plotly's check of every point list cost a quarter of an analysis.
+    return go.Figure([_sphere_mesh(), *traces], layout=layout, _validate=False)
 
 
 def figures(a: dict) -> list[tuple[str, str, go.Figure, str]]:

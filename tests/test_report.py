@@ -127,6 +127,25 @@ def test_sphere_legend_names_colours_and_markers(report):
                                        .replace("'", "&#x27;"))  # hover: the caption, escaped
 
 
+def test_sphere_slider_moves_each_trace_to_its_checkpoint(report):
+    _, a = report
+    s = a["strategies"][next(iter(a["strategies"]))]
+    fig = dict((sid, f) for sid, _, f, _ in figures(a))["sphere-0"]
+    points = [k for k, t in enumerate(fig.data) if t.type == "scatter3d"]
+    assert len(points) == 2 * len(a["domains"])  # each caption held once, not once per checkpoint
+    steps = fig.layout.sliders[0].steps
+    assert len(steps) == len(s["sphere"]) > 1
+    for k, step in enumerate(steps):
+        moved, traces = step.args
+        assert step.method == "restyle" and list(traces) == points
+        for j, t in enumerate(traces):
+            d, mod = fig.data[t].legendgroup, fig.data[t].name
+            for i, axis in enumerate("xyz"):
+                assert moved[axis][j] == [p[i] for p in s["sphere"][k][d][mod]]
+                if k == 0:  # the slider starts where the traces are drawn
+                    assert list(fig.data[t][axis]) == moved[axis][j]
+
+
 def check_renders_in_chromium(path, n: int, tmp_path):
     """Every one of the report's `n` figures rendered by headless Chromium, with no script error."""
     chromium = find_chromium()
