@@ -5,6 +5,7 @@ and leaves the file as it was before.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import tempfile
@@ -50,8 +51,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     Any failure removes the temporary file; an OSError (of the write, or inside `write`) is raised
     as WriteError naming `path`. durable=False: no fsync of the file or its directory (still
     all or nothing for every reader and for a killed writer; a power loss may lose it): for files
-    written every few steps whose durability a later fsynced file vouches for after `os.sync()`
-    (RunDir.make_durable)."""
+    written every few steps whose durability a later fsynced file vouches for after
+    `sync_file_system` (RunDir.make_durable)."""
     path = Path(path)
     tmp = None
     try:
@@ -85,6 +86,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise WriteError.of(path, e) from e
         raise
+
+
+def sync_file_system(path: str | os.PathLike) -> None:
+    """Every file written so far to the file system holding `path` on disk: syncfs(2), or sync(2)
+    (every file system) where the C library has no syncfs. Not sync(2) throughout: on a shared
+    machine that waits for every other user's writes too. A failure raises WriteError naming
+    `path`."""
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise WriteError.of(path, e) from e
+    try:
+        if syncfs(fd) != 0:
+            errno = ctypes.get_errno()
+            raise WriteError(errno, os.strerror(errno), str(path))
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -48,7 +48,7 @@ from safetensors.torch import save as safetensors_save
 
 from geomlab.config import tomllib, with_defaults
 from geomlab.io import (WriteError, append_jsonl, atomic_write, atomic_write_json, atomic_write_text,
-                        load_checkpoint, read_jsonl)
+                        load_checkpoint, read_jsonl, sync_file_system)
 from geomlab.traces import write_trace
 
 CHECKPOINTS, TRACES = "checkpoints", "traces"
@@ -579,11 +579,11 @@ class RunDir:
         append_metrics's lines: the next state vouches for it after make_durable."""
         write_trace(self.fine_trace_path(strategy_dir, phase, step), trace, durable=False)
 
-    @staticmethod
-    def make_durable() -> None:
-        """Everything written so far on disk (sync(2)), before a state.pt that vouches for the
-        metrics lines and fine traces written without an fsync of their own."""
-        os.sync()
+    def make_durable(self) -> None:
+        """Everything written so far to the run directory's file system on disk
+        (`sync_file_system`), before a state.pt that vouches for the metrics lines and fine traces
+        written without an fsync of their own."""
+        sync_file_system(self.root)
 
     # -- progress
 

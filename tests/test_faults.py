@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 from geomlab import train
 from geomlab.config import tomllib
-from geomlab.io import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint, read_jsonl
+from geomlab import rundir
+from geomlab.io import (WriteError, append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint,
+                        read_jsonl, sync_file_system)
 from geomlab.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,24 +287,40 @@ def test_openmp_spin_count_is_set_before_torch_loads_and_a_users_setting_wins(en
     assert out.stdout.strip() == expected
 
 
+def test_sync_file_system_syncs_the_given_one_and_names_a_missing_path(tmp_path):
+    (tmp_path / "x").write_text("written")
+    assert sync_file_system(tmp_path) is None
+    with pytest.raises(WriteError, match=str(tmp_path / "gone")):
+        sync_file_system(tmp_path / "gone")
+
+
 def test_lines_and_fine_traces_skip_fsync_and_every_state_is_written_after_a_sync(tmp_path, monkeypatch):
     """A metrics line (every train.log_every steps) and a fine trace (every train.trace_every) are
     not fsynced, an fsync costing about as much as a geomlab-tiny step; each state.pt, which a
-    resume trusts for every line and fine trace before it, is written after sync(2)."""
+    resume trusts for every line and fine trace before it, is written after the run directory's
+    file system is synced (syncfs(2), `sync_file_system`)."""
     events = []
+    out = tmp_path / "r"
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
 
+    def sync_file_system(path):
+        assert Path(path) == out  # the run's own file system, not every one (sync(2))
+        events.append(("sync", str(path)))
+        real_sync(path)
+
+    real_sync = rundir.sync_file_system
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "sync", lambda: events.append(("sync", "")))
-    out = tmp_path / "r"
+    monkeypatch.setattr(os, "sync", lambda: events.append(("sync(2)", "")))
+    monkeypatch.setattr(rundir, "sync_file_system", sync_file_system)
     assert train.main(["--out", str(out), *ARGS, "train.trace_every=1", "train.trace_size=4"]) == 0
     synced = [p for kind, p in events if kind == "fsync"]
     assert not [p for p in synced if p.endswith("metrics.jsonl") or "/fine_traces/" in p], synced
     states = [i for i, (kind, p) in enumerate(events) if kind == "fsync" and Path(p).name.startswith(".state.pt.")]
     assert len(states) == 1 + STEPS // 2  # the base phase's end, then every checkpoint_every = 2 steps
     assert all(events[i - 1][0] == "sync" for i in states), events
+    assert ("sync(2)", "") not in events
     rows = read_jsonl(out / "finetune" / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, STEPS + 1))
     assert len(list((out / "finetune" / "fine_traces").iterdir())) == STEPS + 1
