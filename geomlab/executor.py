@@ -355,6 +355,11 @@ def _settle(ray, j: Job, ref, options: Options, stopping: bool, submit, bar) -> 
         j.status = "stopped"
         return
     except ray.exceptions.RayTaskError as e:  # raised outside the trainer (_work returns its errors)
+        if stopping:
+            # Ray's own handling of the stop's cancel around the task (its SIGINT landing while Ray
+            # set the task up once raised a TypeError there): the job is as resumable as a stopped one
+            j.status = "stopped"
+            return
         j.status, j.error = "failed", str(e).strip().splitlines()[-1]
         return
     except ray.exceptions.RayError as e:  # the worker process or its node is gone

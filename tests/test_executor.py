@@ -302,6 +302,25 @@ def test_sigterm_leaves_every_run_resumable_and_reruns_train_only_what_is_left(s
     assert_same_weights(sequential.wait() / "seed0", out, ("finetune", "joint"))
 
 
+def test_an_error_ray_raises_around_a_task_is_a_failure_except_while_stopping(cluster):
+    """A RayTaskError comes from Ray's machinery around a task (the trainer's own errors are
+    returned by _work): a failure, unless the study is stopping, when it is the cancel's doing and
+    the job stays resumable (a SIGINT landing while Ray set a task up once raised a TypeError)."""
+    import ray
+    from geomlab.executor import Job, Options, _settle
+
+    def raise_type_error():  # (sent by value: the workers cannot import this test module)
+        raise TypeError("'Handlers' object is not callable")
+
+    ref = ray.remote(num_cpus=0, max_retries=0)(raise_type_error).remote()
+    ray.wait([ref])
+    for stopping, status, error in ((False, "failed", "TypeError: 'Handlers' object is not callable"),
+                                    (True, "stopped", "")):
+        job = Job(name="finetune", work=None, kwargs={}, log=None)
+        _settle(ray, job, ref, Options(), stopping, submit=None, bar=None)
+        assert (job.status, job.error) == (status, error)
+
+
 def test_a_tunes_points_are_jobs_a_diverging_one_fails_alone_and_retries_run_out(sequential, cluster, tmp_path,
                                                                                   capsys):
     config = tmp_path / "tune.toml"
