@@ -22,7 +22,7 @@ tune: $(STAMP)
 	$(PY) -m geomlab.tune experiments/shapes_baselines.toml --out runs/tune --tuned-out experiments/tuned/shapes_5phase.toml
 
 # Every strategy on the test seeds 0-4 with the tuned values: the baseline comparison with confidence
-# intervals (60 runs and 5 base models): 29 min 43 s measured on this idle 2-core machine. One job per
+# intervals (60 runs and 5 base models): 29 min 43 s and 30 min 35 s measured on this idle 2-core machine. One job per
 # core at a time (a local Ray, one thread a job): geomlab-tiny's GEMMs are too small for two threads to
 # share one well (README, "What it costs on one machine").
 study: $(STAMP)
