@@ -647,16 +647,18 @@ def _beats(im, tx, img, txt, pos, gallery, own, step=None, exact_dots=_exact_dot
     the others, the positives among them, are scored exactly (`exact_dots`: the function that
     scored the positives). Worth it where the band is wider than that error (bf16 and int8
     tiles)."""
+    def wins(f, pos, gallery, own):  # exact score f beats the positive's: higher, or tied at a smaller index
+        return (f > pos) | ((f == pos) & (gallery < own))
+
     positives = int((gallery == own).sum())
     if step is None:  # every pair scored exactly
-        f = exact_dots(im, tx, img, txt)
-        won = (f > pos) | ((f == pos) & (gallery < own))
+        won = wins(exact_dots(im, tx, img, txt), pos, gallery, own)
         return won.long(), img.numel() - positives, img.numel() - positives
     won, undecided = step(im, tx, img, txt, pos)
     exact = undecided.nonzero().squeeze(1)
     f = exact_dots(im, tx, img.index_select(0, exact), txt.index_select(0, exact))
     pos, gallery_x, own_x = (x.index_select(0, exact) for x in (pos, gallery, own))
-    won[exact] = (f > pos) | ((f == pos) & (gallery_x < own_x))
+    won[exact] = wins(f, pos, gallery_x, own_x)
     return won.long(), img.numel() - positives, exact.numel() - int((gallery_x == own_x).sum())
 
 
