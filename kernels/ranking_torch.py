@@ -2,8 +2,8 @@
 conventions are in ranking.py).
 
 Tiles of at most block_q × block_g scores; on the CPU, blocks of query rows run concurrently on
-worker threads (geomlab.runtime.map_threads), except where `retrieval_ranks` uses its compiled
-tile kernels (`_compiled_tile_kernels`), which parallelise inside. On CPUs with bf16 dot-product
+worker threads (geomlab.runtime.map_threads), and `retrieval_ranks` counts each tile with a scan
+in C (ranking_native.py) where a C compiler is at hand. On CPUs with bf16 dot-product
 instructions both `topk` and `retrieval_ranks` compute their tiles with bf16 GEMMs (several times
 the fp32 rate), and `retrieval_ranks` recounts tiles whose bf16 band is too wide from two int8
 levels of each feature (exact integer GEMMs, `_int8_split`); both still return exact fp32
@@ -22,6 +22,7 @@ import torch
 
 from geomlab.runtime import cpu_workers, map_threads
 
+from . import ranking_native
 from .ranking import best_caption, caption_image_rows, check_pair
 
 
@@ -353,32 +354,35 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, *, block_q: int |
 
 
 #: this machine's costs (the idle 2-core AMD EPYC with bf16 and int8 dot-product instructions,
-#: compiled tile kernels, N = 50,000, d = 256: each kind of benchmark data counted with bf16 tiles
+#: the C tile scan, N = 50,000, d = 256: each kind of benchmark data counted with bf16 tiles
 #: throughout and with int8 tiles throughout): what deciding one band entry of a bf16 tile adds
-#: (decoding it, `_beats`), and what an int8 tile costs beyond a bf16 tile with an empty band, per
-#: tile entry. In nanoseconds.
-RESOLVE_NS_PER_ENTRY = 70.0
-RECOUNT_NS_PER_ENTRY = 1.1
+#: (its fp32 step in the scan, and exact scores where that leaves it undecided), and what an int8
+#: tile costs beyond a bf16 tile with an empty band, per tile entry. In nanoseconds of wall time
+#: on both cores.
+RESOLVE_NS_PER_ENTRY = 22.0
+RECOUNT_NS_PER_ENTRY = 0.86
 #: a bf16 rank tile one of whose directions holds more ambiguous entries than this fraction of it
 #: is recounted from int8 levels, and so is the rest of its row block: past it (both directions
-#: hold about as many) deciding the band costs more than the int8 tile (the case of positives far
-#: from the top of their rows: about 1% of N and beyond, or unrelated features).
+#: hold about as many) deciding the band costs more than the int8 tile (the case of unrelated
+#: features, about 3.8% of each direction at d = 256; at median rank 1% of N it holds 1.1%). The
+#: C scan stops counting a tile as soon as a direction's band passes it.
 RESOLVE_MAX_FRACTION = RECOUNT_NS_PER_ENTRY / (2 * RESOLVE_NS_PER_ENTRY)
 #: entries per group of a rank tile's line (`_band_masks`): one bit each in the group's band mask.
 #: Smaller groups leave fewer empty bits to decode around each band entry, larger ones fewer masks
-#: to search (8 measured fastest of 8, 16, 32 and 64 at median ranks 30 and 1% of N).
+#: to search (8 measured fastest of 8, 16, 32 and 64 at median ranks 30 and 1% of N, compiled).
 BAND_GROUP = 8
-#: smallest number of image × caption pairs for which `retrieval_ranks` counts its tiles with the
-#: compiled tile kernels (`_compiled_tile_kernels`, on the CPU): below it a process's first call
-#: would spend longer compiling (a few seconds; later processes read torch's on-disk cache) than it
-#: saves.
+#: smallest number of image × caption pairs for which `retrieval_ranks` widens int8 tiles and scores
+#: band entries exactly with its compiled kernels (`_compiled_tile_kernels`, on the CPU): below it
+#: a process's first call would spend longer compiling (a few seconds; later processes read torch's
+#: on-disk cache) than it saves.
 COMPILE_MIN_PAIRS = 1 << 24
 #: smallest number of images and of captions for which `retrieval_ranks` takes bf16 tiles by itself.
 RANK_APPROX_MIN = 4096
 #: the phases of a rank tile whose time `retrieval_ranks` reports in stats["seconds"]: its GEMM,
-#: its counting passes, the scoring of its band entries, and the int8 GEMMs (with their widening
-#: to fp32 scores) and counting passes of a tile recounted after its bf16 band held too many
-#: entries.
+#: its counting (with the C scan: the fp32 step of its band entries included), the scoring of its
+#: band entries (with the C scan: the exact scores only), and the whole count of a tile recounted
+#: from int8 levels after its bf16 band held too many entries (int8 GEMMs, their widening to fp32
+#: scores, counting).
 PHASES = ("gemm", "count", "resolve", "recount")
 #: the per-block counters of `retrieval_ranks`' stats (with PHASES).
 TALLIES = ("fp32_tiles", "bf16_tiles", "int8_tiles", "band_i2t", "band_t2i", "resolved_i2t", "resolved_t2i")
@@ -520,64 +524,55 @@ def _band_masks(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int):
     [lo, hi]. Rows (dim=1, against lo, hi [mp, 1]): [mp, np/BAND_GROUP], group g of a row holding
     its columns g, g + G, g + 2G, … (G = np/BAND_GROUP). Columns (dim=0, against lo, hi [1, np]):
     [mp/BAND_GROUP, np], group g of a column holding its rows g·BAND_GROUP + k. Either way the
-    sums run across the rows of a [BAND_GROUP, ·] view, many contiguous lanes at a time, which a
-    compiler turns into one vectorised read of the tile (`_compiled_tile_kernels`); interleaving a
-    row's groups is what makes that possible for rows."""
+    sums run across the rows of a [BAND_GROUP, ·] view, many contiguous lanes at a time. The
+    counting of `retrieval_ranks` where its C scan is not at hand (no C compiler, or CUDA tensors
+    on the torch backend)."""
     mp, np_ = s.shape
     if dim == 1:
         v, lo, hi = s.view(mp, BAND_GROUP, np_ // BAND_GROUP), lo.unsqueeze(2), hi.unsqueeze(2)
     else:
         v, lo, hi = s.view(mp // BAND_GROUP, BAND_GROUP, np_), lo.unsqueeze(0), hi.unsqueeze(0)
     bit = torch.arange(BAND_GROUP, device=s.device, dtype=torch.int32).view(1, BAND_GROUP, 1)
-    in_band = ((v >= lo) & (v <= hi)).to(torch.int32)  # (int32: narrower types compile to slower code)
+    in_band = ((v >= lo) & (v <= hi)).to(torch.int32)
     return (v > hi).sum(1, dtype=torch.int32), (in_band << bit).sum(1, dtype=torch.int32)
 
 
-def _fp32_step(a, b, rows, cols, pos, norm_a, norm_b):
+def _fp32_step(a, b, rows, cols, pos, norm_a, norm_b, chunk: int = 8192):
     """(won, undecided), bool per pair k: the pairs (a[rows[k]], b[cols[k]]) scored in fp32, f (any
     summation order: within `_fp32_error` of the exact score rounded to fp32, like an fp32 GEMM's),
     against the positive's score pos[k]: won where f − error > pos (the exact score rounded to
-    fp32 is above pos), undecided where neither that nor f + error < pos holds."""
-    f = (a[rows] * b[cols]).sum(1)
-    err = _fp32_error(norm_a[rows], norm_b[cols], a.shape[1])
-    won = f - err > pos
-    return won, (f + err >= pos) & ~won
+    fp32 is above pos), undecided where neither that nor f + error < pos holds. In chunks of
+    pairs (bounded temporaries)."""
+    won = torch.empty(rows.numel(), dtype=torch.bool, device=a.device)
+    undecided = torch.empty_like(won)
+    for k0 in range(0, rows.numel(), chunk):
+        r, c, p = rows[k0:k0 + chunk], cols[k0:k0 + chunk], pos[k0:k0 + chunk]
+        f = (a[r] * b[c]).sum(1)
+        err = _fp32_error(norm_a[r], norm_b[c], a.shape[1])
+        won[k0:k0 + chunk] = f - err > p
+        undecided[k0:k0 + chunk] = (f + err >= p) & ~won[k0:k0 + chunk]
+    return won, undecided
 
 
 class CompiledTileKernels(NamedTuple):
-    """`_band_masks`, `_fp32_step`, `_widen` and `_exact_scores` compiled by torch.compile: each
-    direction's comparisons and sums fused into one read of the tile (10–20× faster than eager
-    torch's comparison passes, which write flag tiles, and their sums); the band's fp32 step and
-    its exact scores in one pass each, without gathering the rows into temporaries first (the
-    exact scores about 20× faster); and an int8 tile's two int32 GEMM results widened to fp32
-    scores in one pass."""
-    masks: Callable
-    step: Callable
+    """`_widen` and `_exact_scores` compiled by torch.compile: an int8 tile's two int32 GEMM results
+    widened to fp32 scores in one pass, and the exact scores of band entries in one pass, without
+    gathering their rows into temporaries first (about 20× faster than eager)."""
     widen: Callable
     exact: Callable
 
 
 @functools.cache
 def _compiled_tile_kernels() -> CompiledTileKernels | None:
-    """The CompiledTileKernels, compiled once per process for bf16 and fp32 tiles; None where torch
-    cannot compile (no C++ compiler): the eager functions then compute the same counts and scores,
-    more slowly. Inductor's CPU kernels hold the GIL while they run, so they parallelise inside
-    (OpenMP, torch's thread count), not over Python threads: `retrieval_ranks` runs them from one."""
+    """The CompiledTileKernels, compiled once per process; None where torch cannot compile (no C++
+    compiler): the eager functions then compute the same scores, more slowly."""
     try:
         # Every kernel parallel over torch's threads whatever the example it is compiled from: by
         # default Inductor parallelises only where that example holds enough work, and the graph
         # (dynamic, and cached on disk without the example's sizes) then serves every size: a
-        # small example gave serial band kernels, on one core of two.
-        masks, step, exact, widen = (torch.compile(f, dynamic=True, options={"cpp.dynamic_threads": True})
-                                     for f in (_band_masks, _fp32_step, _exact_scores, _widen))
-        for dtype in (torch.bfloat16, torch.float32):
-            # unequal sizes throughout, so that the graphs assume no two sizes equal
-            tile = torch.zeros(2 * COUNT_GROUP, COUNT_GROUP, dtype=dtype)
-            for dim, shape in ((1, (2 * COUNT_GROUP, 1)), (0, (1, COUNT_GROUP))):
-                # lo and hi two tensors (the same one twice would compile for `lo is hi` only)
-                masks(tile, torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), dim)
-        step(torch.zeros(5, 7), torch.zeros(6, 7), torch.arange(3), torch.arange(3), torch.zeros(3),
-             torch.ones(5), torch.ones(6))
+        # small example gave serial kernels, on one core of two.
+        exact, widen = (torch.compile(f, dynamic=True, options={"cpp.dynamic_threads": True})
+                        for f in (_exact_scores, _widen))
         exact(torch.zeros(5, 7), torch.zeros(6, 7), torch.arange(3), torch.arange(3))
         # as `retrieval_ranks` passes them: views of flat buffers, into a whole and a ragged padded tile
         g1, g2 = (_tile(torch.zeros(40, dtype=torch.int32), 5, 7) for _ in range(2))
@@ -585,30 +580,26 @@ def _compiled_tile_kernels() -> CompiledTileKernels | None:
             widen(g1, g2, torch.ones(5), torch.ones(7), out)
     except Exception as e:  # noqa: BLE001 (any failure of the compiler stack: ranks still work)
         warnings.warn(f"retrieval_ranks: torch.compile of its tile kernels failed ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); counting with eager torch, more slowly",
+                      f"{str(e).splitlines()[0] if str(e) else ''}); scoring with eager torch, more slowly",
                       RuntimeWarning, stacklevel=2)
         return None
 
-    # (0 or 1 pairs would compile graphs of their own)
-    def steps(a, b, rows, cols, pos, norm_a, norm_b):
-        return (step if rows.numel() > 1 else _fp32_steps)(a, b, rows, cols, pos, norm_a, norm_b)
-
-    def exact_scores(a, b, rows, cols):
+    def exact_scores(a, b, rows, cols):  # (0 or 1 pairs would compile graphs of their own)
         return (exact if rows.numel() > 1 else _exact_dots)(a, b, rows, cols)
 
-    return CompiledTileKernels(masks, steps, widen, exact_scores)
+    return CompiledTileKernels(widen, exact_scores)
 
 
-def _direction(s, lo, hi, own, dim: int, max_band: float, masks):
+def _direction(s, lo, hi, own, dim: int, max_band: float):
     """One direction of the padded rank tile s [mp, np] (−inf padding): dim=1 its rows against
     lo, hi [mp, 1], dim=0 its columns against lo, hi [1, np]; own [m] or [n]: 1 where the line's
     positive lies in the tile. Returns (per line: #entries > hi, int64 [mp] or [np]; the band
     entries (rows, cols) in [lo, hi] in tile coordinates, the positives' included), or None when
     the band holds more than max_band entries besides the positives.
 
-    `masks` (`_band_masks`, compiled or not) reads the tile once; the band entries are then
-    decoded from the few groups whose band mask is not 0, without reading the tile again."""
-    above, mask = masks(s, lo, hi, dim)
+    `_band_masks` reads the tile once; the band entries are then decoded from the few groups whose
+    band mask is not 0, without reading the tile again."""
+    above, mask = _band_masks(s, lo, hi, dim)
     # the masks read two to a word first: the search runs over half the elements
     words = mask.view(-1, 2)
     hit_word = words.view(torch.int64).view(-1).nonzero().squeeze(1)
@@ -626,23 +617,13 @@ def _direction(s, lo, hi, own, dim: int, max_band: float, masks):
     return above.sum(0), ((hit // np_) * BAND_GROUP + j, hit % np_)
 
 
-def _fp32_steps(a, b, rows, cols, pos, norm_a, norm_b, chunk: int = 8192):
-    """`_fp32_step` in chunks of pairs (the eager twin of the compiled step: bounded temporaries)."""
-    won = torch.empty(rows.numel(), dtype=torch.bool, device=a.device)
-    undecided = torch.empty_like(won)
-    for k0 in range(0, rows.numel(), chunk):
-        k1 = min(rows.numel(), k0 + chunk)
-        won[k0:k1], undecided[k0:k1] = _fp32_step(a, b, rows[k0:k1], cols[k0:k1], pos[k0:k1], norm_a, norm_b)
-    return won, undecided
-
-
 def _beats(im, tx, img, txt, pos, gallery, own, step=None, exact_dots=_exact_dots):
     """(1 per pair (img[k], txt[k]) whose exact score beats the positive's (score pos[k], gallery
     index own[k]) as gallery item gallery[k] — higher, or equal with a smaller index — else 0;
     the number of pairs other than the positives themselves, which never count; the number of
     those scored exactly).
 
-    With `step` (`_fp32_step` with the rows' norms, compiled or not) the pairs are first scored in
+    With `step` (`_fp32_step` with the rows' norms) the pairs are first scored in
     fp32, which decides every pair whose fp32 score is more than `_fp32_error` away from pos; only
     the others, the positives among them, are scored exactly (`exact_dots`: the function that
     scored the positives). Worth it where the band is wider than that error (bf16 and int8
@@ -689,10 +670,11 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
 
     Every rank is decided by exact scores (`_exact_scores`): the positives' first (O(N·d)), then each
     tile sorts its entries, per row against the row's positive and per column against the column's,
-    into surely above, surely below and a narrow band around the positive (`_bands`), with one
-    counting pass per direction (`_direction`); only band entries other than the positive
-    itself are scored again: in fp32 first where the tile was not fp32 (`_beats`), exactly where
-    that leaves them undecided.
+    into surely above, surely below and a narrow band around the positive (`_bands`); only band
+    entries other than the positive itself are scored again: in fp32 first where the tile was not
+    fp32, exactly where that leaves them undecided. On the CPU one pass of a C scan does all but
+    the exact scores (`ranking_native.scan_tile`); elsewhere, or without a C compiler, one torch
+    pass per direction (`_direction`) and `_beats`.
 
     `approx` (default: a CPU with fast bf16 GEMMs and at least RANK_APPROX_MIN images and
     captions) computes the tiles with bf16 GEMMs, whose band is wide (about ±4·10⁻³ for unit
@@ -703,7 +685,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
     "int8_tiles" (the tiles counted at each precision), "band_i2t" and "band_t2i" (band entries
     scored again per direction, the positives' own excluded), "resolved_i2t", "resolved_t2i" and
     their sum "resolved" (those scored exactly), and "seconds": thread-seconds (summed over the
-    worker threads; wall seconds with the compiled tile kernels) of each of PHASES, and "setup"
+    worker threads) of each of PHASES, and "setup"
     (the positives' exact scores, norms, bf16 copies and bands, before the tiles; the int8 levels
     are made when a first tile is recounted, in its "recount" time)."""
     check_pair(image, text)
@@ -717,7 +699,8 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         raise ValueError(f"retrieval_ranks: approx=True (bf16 and int8 tiles) runs on the CPU only, got {dev}")
     t_setup = time.perf_counter()
     compiled = _compiled_tile_kernels() if dev.type == "cpu" and n_img * n_txt >= COMPILE_MIN_PAIRS else None
-    masks, step, widen, exact_dots = compiled if compiled else (_band_masks, _fp32_steps, _widen, _exact_dots)
+    widen, exact_dots = compiled if compiled else (_widen, _exact_dots)
+    scan = ranking_native.scan_function() if dev.type == "cpu" else None
     pos_t = exact_dots(im, tx, ci, torch.arange(n_txt, device=dev))  # each caption with its image
     pos_i, best = best_caption(pos_t, ci, n_img)  # per image: best caption's score and index
     cnt_i = torch.zeros(n_img, dtype=torch.long, device=dev)
@@ -749,7 +732,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
 
     # ≥ 256 image rows per worker thread; one thread with the compiled kernels (they hold the GIL:
     # threads would queue for it), whose GEMMs and kernels then use torch's threads instead
-    workers = 1 if compiled else _workers(dev, n_img // 256)
+    workers = _workers(dev, n_img // 256)
     bi = _block_size(n_img, block_q or RANK_BLOCK_Q, workers)
     bt = max(1, min(block_g or RANK_BLOCK_G, n_txt))
     if bi >= COUNT_GROUP:
@@ -782,20 +765,22 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
             _int8_tile(a, b, slice(i0, i1), slice(t0, t1), g1, g2, s[:m, :n], widen)
         else:
             torch.mm(a[i0:i1], b[t0:t1].T, out=s[:m, :n])
+        t_gemm = time.perf_counter()
+        tally[phase or "gemm"] += t_gemm - t_start
+        max_band = RESOLVE_MAX_FRACTION * m * n if precision == "bf16" else float("inf")
+        if scan is not None:
+            return scan_count(i0, i1, t0, t1, precision, s[:m, :n], lo_r, hi_r, lo_c, hi_c, max_band, tally, cnt_t,
+                              phase)
         if n < np_:
             s[:, n:] = float("-inf")
         if m < mp:
             s[m:] = float("-inf")
-        t_gemm = time.perf_counter()
         own_r = ((best[i0:i1] >= t0) & (best[i0:i1] < t1)).float()  # positive inside the tile
         own_c = ((ci[t0:t1] >= i0) & (ci[t0:t1] < i1)).float()
-        max_band = RESOLVE_MAX_FRACTION * m * n if precision == "bf16" else float("inf")
-        rows = _direction(s, lo_r[i0:i0 + mp].unsqueeze(1), hi_r[i0:i0 + mp].unsqueeze(1), own_r, 1, max_band, masks)
+        rows = _direction(s, lo_r[i0:i0 + mp].unsqueeze(1), hi_r[i0:i0 + mp].unsqueeze(1), own_r, 1, max_band)
         cols = rows and _direction(s, lo_c[t0:t0 + np_].unsqueeze(0), hi_c[t0:t0 + np_].unsqueeze(0), own_c, 0,
-                                   max_band, masks)
-        t_count = time.perf_counter()
-        tally[phase or "gemm"] += t_gemm - t_start
-        tally[phase or "count"] += t_count - t_gemm
+                                   max_band)
+        tally[phase or "count"] += time.perf_counter() - t_gemm
         if not cols:
             return False
         tally[precision + "_tiles"] += 1
@@ -804,7 +789,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         cnt_i[i0:i1] += rows_hi[:m]
         cnt_t[t0:t1] += cols_hi[:n]
         # (an fp32 band is as wide as the fp32 step's error: it would decide nothing)
-        first = None if precision == "fp32" else lambda a, b, r, c, p: step(a, b, r, c, p, na, nt)
+        first = None if precision == "fp32" else lambda a, b, r, c, p: _fp32_step(a, b, r, c, p, na, nt)
         img, txt = r + i0, c + t0
         won, band, scored = _beats(im, tx, img, txt, pos_i[img], txt, best[img], first, exact_dots)
         cnt_i.index_add_(0, img, won)
@@ -816,6 +801,38 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         tally["band_t2i"] += band
         tally["resolved_t2i"] += scored
         tally["resolve"] += time.perf_counter() - t_start
+        return True
+
+    def scan_count(i0, i1, t0, t1, precision, s, lo_r, hi_r, lo_c, hi_c, max_band, tally, cnt_t, phase):
+        """count_tile's counting with the C scan (`ranking_native.scan_tile`) of the tile s [m, n]."""
+        t_start, exact_seconds = time.perf_counter(), [0.0]
+
+        def beats(rows, cols, dim):
+            t = time.perf_counter()
+            img, txt = rows + i0, cols + t0
+            if dim == 1:
+                won = _beats(im, tx, img, txt, pos_i[img], txt, best[img], None, exact_dots)[0]
+            else:
+                won = _beats(im, tx, img, txt, pos_t[txt], img, ci[txt], None, exact_dots)[0]
+            exact_seconds[0] += time.perf_counter() - t
+            return won
+
+        own_r = torch.where((best[i0:i1] >= t0) & (best[i0:i1] < t1), best[i0:i1] - t0, -1)
+        own_c = torch.where((ci[t0:t1] >= i0) & (ci[t0:t1] < i1), ci[t0:t1] - i0, -1)
+        # (an fp32 band is as wide as the fp32 step's error: it would decide nothing)
+        coef = None if precision == "fp32" else _fp32_error(1.0, 1.0, d)
+        counts = ranking_native.scan_tile(
+            scan, s, *(x[i0:i1].float() for x in (lo_r, hi_r)), *(x[t0:t1].float() for x in (lo_c, hi_c)), own_r,
+            own_c, im[i0:i1], tx[t0:t1], pos_i[i0:i1], pos_t[t0:t1], na[i0:i1], nt[t0:t1], coef, max_band, beats)
+        tally[phase or "count"] += time.perf_counter() - t_start - exact_seconds[0]
+        tally[phase or "resolve"] += exact_seconds[0]
+        if counts is None:
+            return False
+        tally[precision + "_tiles"] += 1
+        cnt_i[i0:i1] += counts.above_r
+        cnt_t[t0:t1] += counts.above_c
+        for key, value in zip(("band_i2t", "band_t2i", "resolved_i2t", "resolved_t2i"), counts[2:]):
+            tally[key] += value
         return True
 
     def block(i0):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import geomlab.kernels as K
-from geomlab.kernels import ranking_torch, reference
+from geomlab.kernels import ranking_native, ranking_torch, reference
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -358,16 +358,21 @@ def probe_with_ties(kind):
 
 @pytest.mark.parametrize("kind", ["rank0", "rank30", "rank1%", "unrelated"])
 @pytest.mark.parametrize("path", ["fp32", "bf16-resolved", "int8-recount"])
-@pytest.mark.parametrize("compiled", [False, True])
-def test_ranks_every_path_on_every_data_kind(kind, path, compiled, monkeypatch):
+@pytest.mark.parametrize("counting", ["torch", "scan", "scan-compiled"])
+def test_ranks_every_path_on_every_data_kind(kind, path, counting, monkeypatch):
     """ranking_torch.retrieval_ranks forced down each path on each kind of benchmark data, against
     the brute-force fp64 count: fp32 tiles; bf16 tiles whose bands are all resolved (fp32 step,
-    then exact); bf16 tiles all recounted from int8 levels (RESOLVE_MAX_FRACTION inf / 0); and either way
-    of counting a tile's groups and scoring its band in fp32 (eager, or compiled:
-    COMPILE_MIN_PAIRS inf / 0). Ragged, padded tiles of 64 × 100."""
-    monkeypatch.setattr(ranking_torch, "COMPILE_MIN_PAIRS", 0 if compiled else float("inf"))
-    if compiled:
-        assert ranking_torch._compiled_tile_kernels() is not None  # this machine compiles
+    then exact); bf16 tiles all recounted from int8 levels (RESOLVE_MAX_FRACTION inf / 0); and each
+    way of counting a tile: torch passes (no C scan), the C scan with eager widening and exact
+    scores, and the C scan with compiled ones (COMPILE_MIN_PAIRS inf / 0). Ragged, padded tiles
+    of 64 × 100."""
+    monkeypatch.setattr(ranking_torch, "COMPILE_MIN_PAIRS", 0 if counting == "scan-compiled" else float("inf"))
+    if counting == "torch":
+        monkeypatch.setattr(ranking_native, "scan_function", lambda: None)
+    else:
+        assert ranking_native.scan_function() is not None  # this machine builds the scan
+    if counting == "scan-compiled":
+        assert ranking_torch._compiled_tile_kernels() is not None  # and compiles
     if path != "fp32":
         monkeypatch.setattr(ranking_torch, "RESOLVE_MAX_FRACTION", float("inf") if path == "bf16-resolved" else 0.0)
     image, text = probe_with_ties(kind)
@@ -386,9 +391,8 @@ def test_ranks_every_path_on_every_data_kind(kind, path, compiled, monkeypatch):
         assert stats["int8_tiles"] == stats["tiles"] and stats["resolved"] <= band, stats
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fp32_step_decides_only_what_the_fp32_bound_allows(compiled):
-    """The first step of band resolution, eager and compiled: gathered fp32 dot products lie within
+def test_fp32_step_decides_only_what_the_fp32_bound_allows():
+    """The first step of band resolution in torch: gathered fp32 dot products lie within
     `_fp32_error` of the exact scores rounded to fp32 (rows of very different norms, near-parallel
     pairs), so every pair it calls won has an exact score above pos and every pair it decides
     otherwise one below; the pairs within the bound, the exact ties among them, stay undecided."""
@@ -402,8 +406,7 @@ def test_fp32_step_decides_only_what_the_fp32_bound_allows(compiled):
     f = (a[rows] * b[cols]).sum(1)  # the step's formula
     assert ((f - exact).abs() <= bound).all()
     pos = exact + torch.where(torch.arange(800) % 3 == 0, 0.0, (torch.rand(800, generator=g) - 0.5) * 4 * bound)
-    step = ranking_torch._compiled_tile_kernels().step if compiled else ranking_torch._fp32_steps
-    won, undecided = step(a, b, rows, cols, pos, na, nb)
+    won, undecided = ranking_torch._fp32_step(a, b, rows, cols, pos, na, nb, chunk=300)
     assert (exact[won] > pos[won]).all() and (exact[~won & ~undecided] < pos[~won & ~undecided]).all()
     assert undecided[torch.arange(800) % 3 == 0].all()  # exact ties are never decided in fp32
     assert 0 < int(undecided.sum()) < 800 and int(won.sum()) > 0
@@ -411,8 +414,8 @@ def test_fp32_step_decides_only_what_the_fp32_bound_allows(compiled):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(256, 512), (512, 256)])
-def test_band_masks_compiled_equal_eager_equal_brute_force(dtype, shape):
-    """`_band_masks` (one read of a tile per direction), eager and compiled, against an entry-by-
+def test_band_masks_equal_brute_force(dtype, shape):
+    """`_band_masks` (one read of a tile per direction, the torch counting) against an entry-by-
     entry count: #entries > hi per group, and bit k of a group's mask set exactly where its entry k
     lies in [lo, hi], with entries equal to lo and to hi, −inf padding and both directions."""
     g = torch.Generator().manual_seed(3)
@@ -422,13 +425,9 @@ def test_band_masks_compiled_equal_eager_equal_brute_force(dtype, shape):
     lo_r, hi_r = s[:, :1].clone(), s[:, 1:2].clone()  # entries equal to lo and hi in every row
     lo_r, hi_r = torch.minimum(lo_r, hi_r), torch.maximum(lo_r, hi_r)
     lo_c, hi_c = torch.minimum(s[:1], s[1:2]), torch.maximum(s[:1], s[1:2])
-    compiled = ranking_torch._compiled_tile_kernels()
-    assert compiled is not None
     G = ranking_torch.BAND_GROUP
     for dim, lo, hi in ((1, lo_r, hi_r), (0, lo_c, hi_c)):
         above, mask = ranking_torch._band_masks(s, lo, hi, dim)
-        above_c, mask_c = compiled.masks(s, lo, hi, dim)
-        assert torch.equal(above, above_c) and torch.equal(mask, mask_c)
         in_band, gt = (s >= lo) & (s <= hi), s > hi
         if dim == 1:  # group j of row i: columns j, j + G', …  (G' = np / BAND_GROUP)
             in_band, gt = in_band.view(mp, G, -1), gt.view(mp, G, -1)
@@ -439,20 +438,166 @@ def test_band_masks_compiled_equal_eager_equal_brute_force(dtype, shape):
         assert int(in_band.sum()) >= s.shape[1 - dim]  # the ties to lo and hi are in the band
 
 
-def test_ranks_without_a_compiler_warn_once_and_count_eagerly(monkeypatch):
-    """Where torch.compile fails (no C++ compiler), retrieval_ranks warns and counts with the eager
-    twins of its tile kernels: the same ranks."""
+def test_scan_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    """The C scan is built into $GEOMLAB_CACHE on first use: one library there and nothing else (it
+    is moved into place whole), loaded again by a later call without building."""
+    monkeypatch.setenv("GEOMLAB_CACHE", str(tmp_path / "cache"))
+    ranking_native.scan_function.cache_clear()
+    try:
+        assert ranking_native.scan_function() is not None
+        built = list((tmp_path / "cache").iterdir())
+        assert len(built) == 1 and built[0].name.startswith("rank_scan_") and built[0].suffix == ".so", built
+        stamp = built[0].stat().st_mtime_ns
+        ranking_native.scan_function.cache_clear()
+        assert ranking_native.scan_function() is not None
+        assert list((tmp_path / "cache").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    finally:
+        ranking_native.scan_function.cache_clear()
+
+
+def test_ranks_without_a_compiler_warn_and_count_with_torch(tmp_path, monkeypatch):
+    """Where no C compiler works, the C scan cannot be built and torch.compile fails:
+    retrieval_ranks warns about each and counts with torch passes and eager scores: the same ranks."""
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(ranking_torch, "COMPILE_MIN_PAIRS", 0)
     monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("GEOMLAB_CACHE", str(tmp_path / "cache"))
     ranking_torch._compiled_tile_kernels.cache_clear()
+    ranking_native.scan_function.cache_clear()
     try:
         image, text = probe_with_ties("rank30")
-        with pytest.warns(RuntimeWarning, match="no C.. compiler.*eager"):
+        with pytest.warns(RuntimeWarning) as caught:
             got = ranking_torch.retrieval_ranks(image, text, block_q=64, block_g=100, approx=True)
+        messages = [str(w.message) for w in caught]
+        assert any("C tile scan could not be built" in m and "no-such-cc" in m for m in messages), messages
+        assert any("no C++ compiler" in m and "eager" in m for m in messages), messages
         want = brute_force_ranks(image, text)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
     finally:
         ranking_torch._compiled_tile_kernels.cache_clear()
+        ranking_native.scan_function.cache_clear()
+
+
+def scan_problem(dtype, seed=7):
+    """A tile of 37 image rows × 70 caption rows (d = 40) for `scan_tile`, in a wider buffer (row
+    stride 75), with everything it takes: captions near their images (caption j near image
+    j mod 37), an exact tie (caption 5 = caption 3) and a near-tie; the positive of row i is
+    caption i for i < 30, outside the tile (own −1) for the others; of column j, image j for
+    j < 30, outside for the others; row 36 and column 69 have none (pos −inf). Bands from the
+    tile dtype's bound, so every entry outside its band is on the side of the positive it seems."""
+    g = torch.Generator().manual_seed(seed)
+    m, n, d = 37, 70, 40
+    a = unit(m, d, seed)
+    b = torch.nn.functional.normalize(a[torch.arange(n) % m] + 0.7 * torch.randn(n, d, generator=g), dim=1)
+    b[5] = b[3]
+    b[9] = near(b[10], 1e-4, seed)
+    exact = (a.double() @ b.double().T).float()
+    own_r = torch.where(torch.arange(m) < 30, torch.arange(m), -1)
+    own_c = torch.where(torch.arange(n) < 30, torch.arange(n), -1)
+    pos_r = torch.where(own_r >= 0, exact[torch.arange(m), own_r.clamp(min=0)], exact.median(1).values)
+    pos_c = torch.where(own_c >= 0, exact[own_c.clamp(min=0), torch.arange(n)], exact.median(0).values)
+    pos_r[36], pos_c[69] = float("-inf"), float("-inf")
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    buf = torch.full((m, n + 5), float("nan"), dtype=dtype)
+    if dtype == torch.bfloat16:
+        ab, ra = ranking_torch._bf16_residuals(a)
+        bb, rb = ranking_torch._bf16_residuals(b)
+        torch.mm(ab, bb.T, out=buf[:, :n])
+        w_r, w_c = ranking_torch._bf16_width(pos_r, na, ra, nb, rb, d), ranking_torch._bf16_width(pos_c, nb, rb, na, ra, d)
+    else:
+        torch.mm(a, b.T, out=buf[:, :n])
+        w_r, w_c = ranking_torch._fp32_error(na.double(), nb.max().double(), d), ranking_torch._fp32_error(
+            nb.double(), na.max().double(), d)
+    (lo_r, hi_r), (lo_c, hi_c) = (tuple(x[:len(p)].float() for x in ranking_torch._bands(p, w, dtype))
+                                  for p, w in ((pos_r, w_r), (pos_c, w_c)))
+    return dict(s=buf[:, :n], bands=(lo_r, hi_r, lo_c, hi_c), own=(own_r, own_c), rows=(a, b), pos=(pos_r, pos_c),
+                norms=(na, nb), exact=exact)
+
+
+def scan_beats(p):
+    """`scan_tile`'s `beats` for a scan_problem: exact score higher than the line's positive, or equal
+    with a smaller gallery index (a positive outside the tile stands after it)."""
+    (own_r, own_c), (pos_r, pos_c), exact = p["own"], p["pos"], p["exact"]
+    m, n = exact.shape
+    own_r, own_c = torch.where(own_r >= 0, own_r, n), torch.where(own_c >= 0, own_c, m)
+
+    def beats(rows, cols, dim):
+        f = exact[rows, cols]
+        if dim == 1:
+            return ((f > pos_r[rows]) | ((f == pos_r[rows]) & (cols < own_r[rows]))).long()
+        return ((f > pos_c[cols]) | ((f == pos_c[cols]) & (rows < own_c[cols]))).long()
+    return beats
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("step", [True, False])
+@pytest.mark.parametrize("capacity", ["roomy", "one chunk"])
+def test_scan_tile_counts_like_brute_force(dtype, step, capacity, monkeypatch):
+    """`ranking_native.scan_tile` against an entry-by-entry count of the exact scores: per row and per
+    column, the entries beating its positive (exact ties to the smaller index, the positive itself
+    never), the band entries of each direction (positives' own excluded) and those scored exactly:
+    all of them without the fp32 step, fewer with it on a bf16 tile. 16 columns per pass, so 70 columns make
+    ragged passes; with "one chunk" the scan stops for exact scores after every pass and goes on."""
+    monkeypatch.setattr(ranking_native, "SCAN_COLUMNS", 16)
+    if capacity == "one chunk":
+        monkeypatch.setattr(ranking_native, "SCAN_CAPACITY", 16)
+    p = scan_problem(dtype)
+    calls = []
+    beats = scan_beats(p)
+
+    def counted_beats(rows, cols, dim):
+        calls.append(rows.numel())
+        return beats(rows, cols, dim)
+
+    coef = ranking_torch._fp32_error(1.0, 1.0, 40) if step else None
+    got = ranking_native.scan_tile(ranking_native.scan_function(), p["s"], *p["bands"], *p["own"], *p["rows"],
+                                   *p["pos"], *p["norms"], coef, float("inf"), counted_beats)
+    m, n = p["exact"].shape
+    rows, cols = torch.arange(m).repeat_interleave(n), torch.arange(n).repeat(m)
+    (own_r, own_c), (lo_r, hi_r, lo_c, hi_c), s = p["own"], p["bands"], p["s"].float()
+    (pos_r, pos_c), lines = p["pos"], "a line without a positive (pos −inf) counts nothing"
+    want_r = beats(rows, cols, 1).view(m, n) * (cols.view(m, n) != own_r[:, None]) * (pos_r[:, None] > -torch.inf)
+    want_c = beats(rows, cols, 0).view(m, n) * (rows.view(m, n) != own_c[None, :]) * (pos_c[None, :] > -torch.inf)
+    assert got.above_r[36] == 0 and got.above_c[69] == 0, lines
+    assert torch.equal(got.above_r, want_r.sum(1)) and torch.equal(got.above_c, want_c.sum(0))
+    band_r = ((s >= lo_r[:, None]) & (s <= hi_r[:, None]) & (cols.view(m, n) != own_r[:, None])).sum()
+    band_c = ((s >= lo_c[None]) & (s <= hi_c[None]) & (rows.view(m, n) != own_c[None])).sum()
+    assert (got.band_r, got.band_c) == (int(band_r), int(band_c)) and got.band_r > 0 and got.band_c > 0
+    resolved = got.resolved_r + got.resolved_c
+    assert resolved >= 2 and sum(calls) == resolved  # the exact tie is scored exactly either way
+    if not step:
+        assert resolved == got.band_r + got.band_c
+    elif dtype == torch.bfloat16:  # the fp32 step decides most of a bf16 band (of an fp32 band, nothing)
+        assert resolved < got.band_r + got.band_c
+    if capacity == "one chunk":
+        assert len(calls) > 2  # it stopped for its pairs at least once before the end
+
+
+def test_scan_tile_gives_up_past_max_band():
+    """A tile one of whose directions holds more band entries than max_band is not counted (None),
+    and its pairs are never scored exactly."""
+    p = scan_problem(torch.bfloat16)
+
+    def no_beats(rows, cols, dim):
+        raise AssertionError("scored a tile that was given up")
+
+    args = (ranking_native.scan_function(), p["s"], *p["bands"], *p["own"], *p["rows"], *p["pos"], *p["norms"],
+            ranking_torch._fp32_error(1.0, 1.0, 40))
+    assert ranking_native.scan_tile(*args, 0.0, no_beats) is None
+    assert ranking_native.scan_tile(*args, float("inf"), scan_beats(p)) is not None
+
+
+def test_scan_tile_rejects_a_tile_it_cannot_read():
+    """A tile of another dtype, a tile with strided rows, or rows of the wrong shape: a ValueError
+    that names what was expected, before any C code reads memory."""
+    p = scan_problem(torch.float32)
+    fn = ranking_native.scan_function()
+    rest = (*p["own"], *p["rows"], *p["pos"], *p["norms"], None, float("inf"), scan_beats(p))
+    for tile, bands in ((p["s"].double(), p["bands"]), (p["s"].T.contiguous().T, p["bands"]),
+                        (p["s"], (p["bands"][0].double(), *p["bands"][1:]))):
+        with pytest.raises(ValueError, match="scan_tile: expected"):
+            ranking_native.scan_tile(fn, tile, *bands, *rest)
