@@ -32,7 +32,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
-typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));  /* unaligned loads of fp32 rows */
 
 static inline float from_bf16(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
