@@ -1,18 +1,19 @@
-"""The counting scan of `retrieval_ranks`' CPU tiles in C: one pass over a tile that counts both
-directions' entries surely above their positives and scores each band entry in fp32 on the spot
+"""retrieval_ranks' CPU kernels in C: the counting scan of a tile, which counts both directions'
+entries surely above their positives and scores each band entry in fp32 on the spot; the exact
+scores; and the widening of an int8 tile's two int32 GEMM results to fp32 scores
 (docs/definitions.md, "Counting a tile").
 
 Why C: a band entry needs a gathered dot product, which no fused torch operation expresses. In
 torch the band is first decoded into index lists (several passes over them), then scored by a
-compiled gather; about 65 ns per band entry on the 2-core development machine, against about 15
-here, where each entry is scored while its tile row is in cache and its caption rows in L2 (the
-tile is scanned SCAN_COLUMNS columns at a time).
+gathered fp32 step; about 65 ns per band entry on the 2-core development machine, against 16–24
+where bands are dense here, where each entry is scored while its tile row is in cache and its
+caption rows in L2 (the tile is scanned SCAN_COLUMNS columns at a time).
 
-The source below is built once per machine with the system C compiler (`$CC`, else `cc`; the one
-torch.compile also needs) into a cache directory (`$GEOMLAB_CACHE`, else `~/.cache/geomlab`),
-keyed by the source, the flags, the compiler and the CPU, and loaded with ctypes, whose calls
-release the GIL: `retrieval_ranks`' worker threads scan tiles side by side. Where no compiler
-works, `scan_function` warns once and returns None, and `retrieval_ranks` counts with torch.
+SOURCE is built once per machine with the system C compiler (`$CC`, else `cc`) into a cache
+directory (`$GEOMLAB_CACHE`, else `~/.cache/geomlab`), keyed by the source, the flags, the
+compiler and the CPU, and loaded with ctypes, whose calls release the GIL: `retrieval_ranks`'
+worker threads run them side by side. Where no compiler works, `native_kernels` warns once and
+returns None, and `retrieval_ranks` counts and scores with torch.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -136,6 +137,41 @@ int64_t rank_scan(const void *tile, int32_t bf16, int64_t ld, int64_t m, int64_t
     }
     return total;
 }
+
+typedef float vec8f __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double vec8d __attribute__((vector_size(64)));
+
+/* out[t] = a[rows[t]]·b[cols[t]] in fp64 (each product of two fp32 numbers is exact there), summed
+   in one fixed order whatever the pair, rounded once to fp32 */
+void exact_scores(const float *a, const float *b, int64_t d, const int64_t *rows, const int64_t *cols,
+                  int64_t k, float *out) {
+    for (int64_t t = 0; t < k; t++) {
+        const float *x = a + rows[t] * d, *y = b + cols[t] * d;
+        vec8d s0 = {0}, s1 = {0};
+        int64_t i = 0;
+        for (; i + 16 <= d; i += 16) {
+            s0 += __builtin_convertvector(*(const vec8f *)(x + i), vec8d) *
+                  __builtin_convertvector(*(const vec8f *)(y + i), vec8d);
+            s1 += __builtin_convertvector(*(const vec8f *)(x + i + 8), vec8d) *
+                  __builtin_convertvector(*(const vec8f *)(y + i + 8), vec8d);
+        }
+        vec8d v = s0 + s1;
+        double s = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+        for (; i < d; i++) s += (double)x[i] * (double)y[i];
+        out[t] = (float)s;
+    }
+}
+
+/* out[i, j] = (g1[i, j]·split + g2[i, j])·row_scale[i]·col_step[j] in fp32, in that order: the
+   scores of an int8 tile from its two int32 GEMMs (g1, g2 contiguous [m, n], out row stride ldo) */
+void widen(const int32_t *g1, const int32_t *g2, const float *row_scale, const float *col_step, float split,
+           float *out, int64_t ldo, int64_t m, int64_t n) {
+    for (int64_t i = 0; i < m; i++) {
+        const int32_t *r1 = g1 + i * n, *r2 = g2 + i * n;
+        float *o = out + i * ldo, rs = row_scale[i];
+        for (int64_t j = 0; j < n; j++) o[j] = ((float)r1[j] * split + (float)r2[j]) * rs * col_step[j];
+    }
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
@@ -148,8 +184,10 @@ SCAN_COLUMNS = 512
 SCAN_CAPACITY = 1 << 16
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_ARGTYPES = [_P, ctypes.c_int32, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int32, _P, _P, _P, _P,
-             ctypes.c_float, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I]
+_SCAN_ARGS = [_P, ctypes.c_int32, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, ctypes.c_int32, _P, _P, _P, _P,
+              ctypes.c_float, _P, _P, _P, _P, _I, _I, _P, _P, _I, _I]
+_EXACT_ARGS = [_P, _P, _I, _P, _P, _I, _P]
+_WIDEN_ARGS = [_P, _P, _P, _P, ctypes.c_float, _P, _I, _I, _I]
 
 
 def cache_dir() -> Path:
@@ -168,33 +206,72 @@ def _cpu_flags() -> str:
         return ""
 
 
+class NativeKernels(NamedTuple):
+    """The C functions of SOURCE, loaded: `scan` for `scan_tile`, `exact` for `exact_scores`,
+    `widen` for `widen`."""
+    scan: Callable
+    exact: Callable
+    widen: Callable
+
+
 @functools.cache
-def scan_function():
-    """`rank_scan` from SOURCE, built on first use (once per machine) and loaded; None, with one
-    RuntimeWarning, where it cannot be built or loaded."""
+def native_kernels() -> NativeKernels | None:
+    """The NativeKernels from SOURCE, built on first use (once per machine) and loaded; None, with
+    one RuntimeWarning, where they cannot be built or loaded."""
     cc = os.environ.get("CC") or "cc"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
         key = hashlib.sha256("\0".join([SOURCE, *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:20]
-        lib = cache_dir() / f"rank_scan_{key}.so"
+        lib = cache_dir() / f"ranking_native_{key}.so"
         if not lib.is_file():
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-                src, out = Path(tmp) / "rank_scan.c", Path(tmp) / lib.name
+                src, out = Path(tmp) / "ranking_native.c", Path(tmp) / lib.name
                 src.write_text(SOURCE)
                 proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True,
                                       timeout=300)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{cc} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
                 os.replace(out, lib)  # whole or absent: other processes may load it at any moment
-        fn = ctypes.CDLL(str(lib)).rank_scan
+        loaded = ctypes.CDLL(str(lib))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"retrieval_ranks: its C tile scan could not be built ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); counting with torch, more slowly",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"retrieval_ranks: its C kernels could not be built ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); counting with torch, more slowly (set $CC to a "
+                      f"C compiler, or $GEOMLAB_CACHE to a writable directory)", RuntimeWarning, stacklevel=2)
         return None
-    fn.restype, fn.argtypes = ctypes.c_int64, _ARGTYPES
-    return fn
+    kernels = []
+    for name, argtypes in (("rank_scan", _SCAN_ARGS), ("exact_scores", _EXACT_ARGS), ("widen", _WIDEN_ARGS)):
+        fn = getattr(loaded, name)
+        fn.restype, fn.argtypes = (ctypes.c_int64 if name == "rank_scan" else None), argtypes
+        kernels.append(fn)
+    return NativeKernels(*kernels)
+
+
+def exact_scores(kernels: NativeKernels, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
+    """a[rows[k]]·b[cols[k]] for every k (a [N, d], b [M, d] fp32; rows, cols int64), in fp64 and
+    rounded once to fp32, like `ranking_torch._exact_scores` but in one fixed summation order: within
+    one `retrieval_ranks` call every exact score comes from this one function, so identical vectors
+    score identically."""
+    rows, cols = rows.contiguous(), cols.contiguous()
+    out = torch.empty(rows.numel())
+    if rows.numel():
+        kernels.exact(_ptr(a, torch.float32), _ptr(b, torch.float32), a.shape[1], _ptr(rows, torch.int64),
+                      _ptr(cols, torch.int64), rows.numel(), out.data_ptr())
+    return out
+
+
+def widen(kernels: NativeKernels, split: float, g1: torch.Tensor, g2: torch.Tensor, row_scale: torch.Tensor,
+          col_step: torch.Tensor, out: torch.Tensor) -> None:
+    """out [m, n] (fp32, rows contiguous, any row stride) = (g1·split + g2)·row_scale[i]·col_step[j],
+    from the int32 GEMM results g1, g2 (contiguous [m, n]): `ranking_torch._widen`'s fp32 operations
+    in its order."""
+    m, n = g1.shape
+    if g2.shape != (m, n) or out.shape != (m, n) or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"widen: expected int32 [m, n] GEMM results and an fp32 [m, n] tile with contiguous rows, "
+                         f"got {tuple(g1.shape)}, {tuple(g2.shape)}, {out.dtype} {tuple(out.shape)}")
+    kernels.widen(_ptr(g1, torch.int32), _ptr(g2, torch.int32), _ptr(row_scale, torch.float32),
+                  _ptr(col_step, torch.float32), split, out.data_ptr(), out.stride(0), m, n)
 
 
 class TileCounts(NamedTuple):
@@ -216,10 +293,10 @@ def _ptr(x: torch.Tensor, dtype) -> int:
     return x.data_ptr()
 
 
-def scan_tile(fn, s, lo_r, hi_r, lo_c, hi_c, own_r, own_c, a, b, pos_r, pos_c, norm_a, norm_b, coef: float | None,
+def scan_tile(kernels: NativeKernels, s, lo_r, hi_r, lo_c, hi_c, own_r, own_c, a, b, pos_r, pos_c, norm_a, norm_b, coef: float | None,
               max_band: float, beats) -> TileCounts | None:
     """Counts the tile s [m, n] (bf16 or fp32, rows contiguous, any row stride) with the C scan
-    `fn` (`scan_function`): rows against lo_r, hi_r [m], columns against lo_c, hi_c [n] (fp32; a
+    (`native_kernels`): rows against lo_r, hi_r [m], columns against lo_c, hi_c [n] (fp32; a
     bf16 band widened to fp32, which is exact); own_r [m] the tile column of each row's positive,
     own_c [n] the tile row of each column's, −1 where it lies outside (int64); a [m, d], b [n, d]
     the tile's fp32 image and caption rows; pos_r [m], pos_c [n] the positives' exact scores;
@@ -249,7 +326,7 @@ def scan_tile(fn, s, lo_r, hi_r, lo_c, hi_c, own_r, own_c, a, b, pos_r, pos_c, n
             capacity, int(min(max_band, 1 << 62)), tally.data_ptr(), flags.data_ptr(), SCAN_COLUMNS]
     end, start, resolved = m * -(-n // SCAN_COLUMNS), 0, [0, 0]
     while start != end:
-        start = fn(*args, start)
+        start = kernels.scan(*args, start)
         if start < 0:
             return None
         for dim, counts, line in ((1, above_r, 0), (0, above_c, 1)):

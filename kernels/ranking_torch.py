@@ -15,8 +15,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-import warnings
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -369,13 +368,9 @@ RECOUNT_NS_PER_ENTRY = 0.86
 RESOLVE_MAX_FRACTION = RECOUNT_NS_PER_ENTRY / (2 * RESOLVE_NS_PER_ENTRY)
 #: entries per group of a rank tile's line (`_band_masks`): one bit each in the group's band mask.
 #: Smaller groups leave fewer empty bits to decode around each band entry, larger ones fewer masks
-#: to search (8 measured fastest of 8, 16, 32 and 64 at median ranks 30 and 1% of N, compiled).
+#: to search (8 measured fastest of 8, 16, 32 and 64 at median ranks 30 and 1% of N, compiled by
+#: torch.compile in an earlier release).
 BAND_GROUP = 8
-#: smallest number of image × caption pairs for which `retrieval_ranks` widens int8 tiles and scores
-#: band entries exactly with its compiled kernels (`_compiled_tile_kernels`, on the CPU): below it
-#: a process's first call would spend longer compiling (a few seconds; later processes read torch's
-#: on-disk cache) than it saves.
-COMPILE_MIN_PAIRS = 1 << 24
 #: smallest number of images and of captions for which `retrieval_ranks` takes bf16 tiles by itself.
 RANK_APPROX_MIN = 4096
 #: the phases of a rank tile whose time `retrieval_ranks` reports in stats["seconds"]: its GEMM,
@@ -398,7 +393,7 @@ def _round_up(n: int, m: int) -> int:
 def _exact_scores(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """a[rows[k]]·b[cols[k]] for every k, computed in fp64 and rounded once to fp32: the scores that
     decide every rank (a row-wise reduction, so identical vectors always score identically within
-    one call; eager in chunks, `_exact_dots`, or compiled whole, `_compiled_tile_kernels`)."""
+    one call), where the C kernels are not at hand (`ranking_native.exact_scores` otherwise)."""
     return (a[rows].double() * b[cols].double()).sum(1).float()
 
 
@@ -554,42 +549,6 @@ def _fp32_step(a, b, rows, cols, pos, norm_a, norm_b, chunk: int = 8192):
     return won, undecided
 
 
-class CompiledTileKernels(NamedTuple):
-    """`_widen` and `_exact_scores` compiled by torch.compile: an int8 tile's two int32 GEMM results
-    widened to fp32 scores in one pass, and the exact scores of band entries in one pass, without
-    gathering their rows into temporaries first (about 20× faster than eager)."""
-    widen: Callable
-    exact: Callable
-
-
-@functools.cache
-def _compiled_tile_kernels() -> CompiledTileKernels | None:
-    """The CompiledTileKernels, compiled once per process; None where torch cannot compile (no C++
-    compiler): the eager functions then compute the same scores, more slowly."""
-    try:
-        # Every kernel parallel over torch's threads whatever the example it is compiled from: by
-        # default Inductor parallelises only where that example holds enough work, and the graph
-        # (dynamic, and cached on disk without the example's sizes) then serves every size: a
-        # small example gave serial kernels, on one core of two.
-        exact, widen = (torch.compile(f, dynamic=True, options={"cpp.dynamic_threads": True})
-                        for f in (_exact_scores, _widen))
-        exact(torch.zeros(5, 7), torch.zeros(6, 7), torch.arange(3), torch.arange(3))
-        # as `retrieval_ranks` passes them: views of flat buffers, into a whole and a ragged padded tile
-        g1, g2 = (_tile(torch.zeros(40, dtype=torch.int32), 5, 7) for _ in range(2))
-        for out in (_tile(torch.empty(40), 5, 7), _tile(torch.empty(60), 6, 9)[:5, :7]):
-            widen(g1, g2, torch.ones(5), torch.ones(7), out)
-    except Exception as e:  # noqa: BLE001 (any failure of the compiler stack: ranks still work)
-        warnings.warn(f"retrieval_ranks: torch.compile of its tile kernels failed ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); scoring with eager torch, more slowly",
-                      RuntimeWarning, stacklevel=2)
-        return None
-
-    def exact_scores(a, b, rows, cols):  # (0 or 1 pairs would compile graphs of their own)
-        return (exact if rows.numel() > 1 else _exact_dots)(a, b, rows, cols)
-
-    return CompiledTileKernels(widen, exact_scores)
-
-
 def _direction(s, lo, hi, own, dim: int, max_band: float):
     """One direction of the padded rank tile s [mp, np] (−inf padding): dim=1 its rows against
     lo, hi [mp, 1], dim=0 its columns against lo, hi [1, np]; own [m] or [n]: 1 where the line's
@@ -698,9 +657,12 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
     if approx and dev.type != "cpu":
         raise ValueError(f"retrieval_ranks: approx=True (bf16 and int8 tiles) runs on the CPU only, got {dev}")
     t_setup = time.perf_counter()
-    compiled = _compiled_tile_kernels() if dev.type == "cpu" and n_img * n_txt >= COMPILE_MIN_PAIRS else None
-    widen, exact_dots = compiled if compiled else (_widen, _exact_dots)
-    scan = ranking_native.scan_function() if dev.type == "cpu" else None
+    native = ranking_native.native_kernels() if dev.type == "cpu" else None
+    if native:
+        exact_dots = functools.partial(ranking_native.exact_scores, native)
+        widen = functools.partial(ranking_native.widen, native, float(INT8_SPLIT))
+    else:
+        exact_dots, widen = _exact_dots, _widen
     pos_t = exact_dots(im, tx, ci, torch.arange(n_txt, device=dev))  # each caption with its image
     pos_i, best = best_caption(pos_t, ci, n_img)  # per image: best caption's score and index
     cnt_i = torch.zeros(n_img, dtype=torch.long, device=dev)
@@ -730,8 +692,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
                                     _bands(pos_t, _int8_error(ta, nt, ia, na), torch.float32))
             return precisions[name]
 
-    # ≥ 256 image rows per worker thread; one thread with the compiled kernels (they hold the GIL:
-    # threads would queue for it), whose GEMMs and kernels then use torch's threads instead
+    # ≥ 256 image rows per worker thread (GEMMs, and the C kernels, release the GIL)
     workers = _workers(dev, n_img // 256)
     bi = _block_size(n_img, block_q or RANK_BLOCK_Q, workers)
     bt = max(1, min(block_g or RANK_BLOCK_G, n_txt))
@@ -768,7 +729,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         t_gemm = time.perf_counter()
         tally[phase or "gemm"] += t_gemm - t_start
         max_band = RESOLVE_MAX_FRACTION * m * n if precision == "bf16" else float("inf")
-        if scan is not None:
+        if native:
             return scan_count(i0, i1, t0, t1, precision, s[:m, :n], lo_r, hi_r, lo_c, hi_c, max_band, tally, cnt_t,
                               phase)
         if n < np_:
@@ -822,7 +783,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         # (an fp32 band is as wide as the fp32 step's error: it would decide nothing)
         coef = None if precision == "fp32" else _fp32_error(1.0, 1.0, d)
         counts = ranking_native.scan_tile(
-            scan, s, *(x[i0:i1].float() for x in (lo_r, hi_r)), *(x[t0:t1].float() for x in (lo_c, hi_c)), own_r,
+            native, s, *(x[i0:i1].float() for x in (lo_r, hi_r)), *(x[t0:t1].float() for x in (lo_c, hi_c)), own_r,
             own_c, im[i0:i1], tx[t0:t1], pos_i[i0:i1], pos_t[t0:t1], na[i0:i1], nt[t0:t1], coef, max_band, beats)
         tally[phase or "count"] += time.perf_counter() - t_start - exact_seconds[0]
         tally[phase or "resolve"] += exact_seconds[0]

@@ -4,6 +4,7 @@ reference (docs/definitions.md, "Retrieval ranks and ties"). Small shapes, delib
 multiples of the block sizes."""
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -296,10 +297,10 @@ def test_bf16_bounds_hold(d):
 
 
 @pytest.mark.parametrize("d", [24, 256, 1100])
-@pytest.mark.parametrize("compiled", [False, True])
-def test_int8_bounds_hold(d, compiled):
+@pytest.mark.parametrize("native", [False, True])
+def test_int8_bounds_hold(d, native):
     """The bound the int8 tiles rest on, against this machine's int8 GEMMs and the widening
-    (eager, or compiled: it may fuse or reorder the fp32 roundings): |int8 tile score − exact
+    (torch, or C: its compiler may fuse the fp32 roundings): |int8 tile score − exact
     score| ≤ ranking_torch._int8_error, for rows of very different norms, a zero row, a row with
     one dominant entry, near-parallel rows, and d up to where q₁·p₁ no longer fits fp32 exactly
     (1100 · 127² > 2²⁴); the bands misplace no entry and are narrow."""
@@ -313,9 +314,10 @@ def test_int8_bounds_hold(d, compiled):
     ib = ranking_torch._int8_split(b, caption_side=True)
     g1, g2 = torch.empty(200, 300, dtype=torch.int32), torch.empty(200, 300, dtype=torch.int32)
     tile = torch.empty(200, 301)[:, :300]  # a padded tile's view, as retrieval_ranks passes it
-    kernels = ranking_torch._compiled_tile_kernels() if compiled else None
-    assert kernels is not None or not compiled
-    widen = kernels.widen if compiled else ranking_torch._widen
+    kernels = ranking_native.native_kernels()
+    assert kernels is not None
+    widen = (functools.partial(ranking_native.widen, kernels, float(ranking_torch.INT8_SPLIT)) if native
+             else ranking_torch._widen)
     ranking_torch._int8_tile(ia, ib, slice(0, 200), slice(0, 300), g1, g2, tile, widen)
     exact = a.double() @ b.double().T
     na, nb = a.norm(dim=1), b.norm(dim=1)
@@ -358,21 +360,17 @@ def probe_with_ties(kind):
 
 @pytest.mark.parametrize("kind", ["rank0", "rank30", "rank1%", "unrelated"])
 @pytest.mark.parametrize("path", ["fp32", "bf16-resolved", "int8-recount"])
-@pytest.mark.parametrize("counting", ["torch", "scan", "scan-compiled"])
+@pytest.mark.parametrize("counting", ["torch", "native"])
 def test_ranks_every_path_on_every_data_kind(kind, path, counting, monkeypatch):
     """ranking_torch.retrieval_ranks forced down each path on each kind of benchmark data, against
     the brute-force fp64 count: fp32 tiles; bf16 tiles whose bands are all resolved (fp32 step,
-    then exact); bf16 tiles all recounted from int8 levels (RESOLVE_MAX_FRACTION inf / 0); and each
-    way of counting a tile: torch passes (no C scan), the C scan with eager widening and exact
-    scores, and the C scan with compiled ones (COMPILE_MIN_PAIRS inf / 0). Ragged, padded tiles
-    of 64 × 100."""
-    monkeypatch.setattr(ranking_torch, "COMPILE_MIN_PAIRS", 0 if counting == "scan-compiled" else float("inf"))
+    then exact); bf16 tiles all recounted from int8 levels (RESOLVE_MAX_FRACTION inf / 0); and
+    either way of counting and scoring a tile: torch passes and eager scores (no C kernels), or the
+    C kernels. Ragged, padded tiles of 64 × 100."""
     if counting == "torch":
-        monkeypatch.setattr(ranking_native, "scan_function", lambda: None)
+        monkeypatch.setattr(ranking_native, "native_kernels", lambda: None)
     else:
-        assert ranking_native.scan_function() is not None  # this machine builds the scan
-    if counting == "scan-compiled":
-        assert ranking_torch._compiled_tile_kernels() is not None  # and compiles
+        assert ranking_native.native_kernels() is not None  # this machine builds the C kernels
     if path != "fp32":
         monkeypatch.setattr(ranking_torch, "RESOLVE_MAX_FRACTION", float("inf") if path == "bf16-resolved" else 0.0)
     image, text = probe_with_ties(kind)
@@ -438,48 +436,60 @@ def test_band_masks_equal_brute_force(dtype, shape):
         assert int(in_band.sum()) >= s.shape[1 - dim]  # the ties to lo and hi are in the band
 
 
-def test_scan_is_built_once_into_the_cache(tmp_path, monkeypatch):
-    """The C scan is built into $GEOMLAB_CACHE on first use: one library there and nothing else (it
-    is moved into place whole), loaded again by a later call without building."""
+def test_native_kernels_are_built_once_into_the_cache(tmp_path, monkeypatch):
+    """The C kernels are built into $GEOMLAB_CACHE on first use: one library there and nothing else
+    (it is moved into place whole), loaded again by a later call without building."""
     monkeypatch.setenv("GEOMLAB_CACHE", str(tmp_path / "cache"))
-    ranking_native.scan_function.cache_clear()
+    ranking_native.native_kernels.cache_clear()
     try:
-        assert ranking_native.scan_function() is not None
+        assert ranking_native.native_kernels() is not None
         built = list((tmp_path / "cache").iterdir())
-        assert len(built) == 1 and built[0].name.startswith("rank_scan_") and built[0].suffix == ".so", built
+        assert len(built) == 1 and built[0].name.startswith("ranking_native_") and built[0].suffix == ".so", built
         stamp = built[0].stat().st_mtime_ns
-        ranking_native.scan_function.cache_clear()
-        assert ranking_native.scan_function() is not None
+        ranking_native.native_kernels.cache_clear()
+        assert ranking_native.native_kernels() is not None
         assert list((tmp_path / "cache").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     finally:
-        ranking_native.scan_function.cache_clear()
+        ranking_native.native_kernels.cache_clear()
 
 
 def test_ranks_without_a_compiler_warn_and_count_with_torch(tmp_path, monkeypatch):
-    """Where no C compiler works, the C scan cannot be built and torch.compile fails:
-    retrieval_ranks warns about each and counts with torch passes and eager scores: the same ranks."""
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(ranking_torch, "COMPILE_MIN_PAIRS", 0)
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    """Where no C compiler works, the C kernels cannot be built: retrieval_ranks warns (naming the
+    compiler it tried and what to set) and counts with torch passes and eager scores: the same
+    ranks, and nothing left in the cache."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("GEOMLAB_CACHE", str(tmp_path / "cache"))
-    ranking_torch._compiled_tile_kernels.cache_clear()
-    ranking_native.scan_function.cache_clear()
+    ranking_native.native_kernels.cache_clear()
     try:
         image, text = probe_with_ties("rank30")
-        with pytest.warns(RuntimeWarning) as caught:
+        with pytest.warns(RuntimeWarning, match=r"C kernels could not be built.*no-such-cc.*\$GEOMLAB_CACHE"):
             got = ranking_torch.retrieval_ranks(image, text, block_q=64, block_g=100, approx=True)
-        messages = [str(w.message) for w in caught]
-        assert any("C tile scan could not be built" in m and "no-such-cc" in m for m in messages), messages
-        assert any("no C++ compiler" in m and "eager" in m for m in messages), messages
         want = brute_force_ranks(image, text)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
     finally:
-        ranking_torch._compiled_tile_kernels.cache_clear()
-        ranking_native.scan_function.cache_clear()
+        ranking_native.native_kernels.cache_clear()
+
+
+@pytest.mark.parametrize("d", [3, 40, 256, 259])
+def test_native_exact_scores_are_the_fp64_scores_rounded_once(d):
+    """`ranking_native.exact_scores` against fp64 scores rounded to fp32 (rows of very different
+    norms, near-parallel pairs; d below, at and past its 16-lane loop): equal, bar a rare last-bit
+    difference where another fp64 summation order rounds the other way; and identical vectors
+    score identically wherever they sit."""
+    g = torch.Generator().manual_seed(d)
+    a = torch.randn(300, d, generator=g) * torch.rand(300, 1, generator=g) * 8
+    b = torch.cat([near(a[:150] / 3, 1e-4, d), torch.randn(150, d, generator=g)])
+    b[7] = b[5]
+    rows, cols = torch.arange(300).repeat(3), torch.randint(0, 300, (900,), generator=g)
+    got = ranking_native.exact_scores(ranking_native.native_kernels(), a, b, rows, cols)
+    want = (a[rows].double() * b[cols].double()).sum(1)
+    assert (got.double() - want).abs().le(2.0 ** -23 * want.abs() + 1e-30).all()
+    assert (got == want.float()).float().mean() > 0.99
+    every = torch.arange(300)
+    with_5, with_7 = (ranking_native.exact_scores(ranking_native.native_kernels(), a, b, every, torch.full((300,), c))
+                      for c in (5, 7))
+    assert torch.equal(with_5, with_7)  # b[7] = b[5]
 
 
 def scan_problem(dtype, seed=7):
@@ -554,7 +564,7 @@ def test_scan_tile_counts_like_brute_force(dtype, step, capacity, monkeypatch):
         return beats(rows, cols, dim)
 
     coef = ranking_torch._fp32_error(1.0, 1.0, 40) if step else None
-    got = ranking_native.scan_tile(ranking_native.scan_function(), p["s"], *p["bands"], *p["own"], *p["rows"],
+    got = ranking_native.scan_tile(ranking_native.native_kernels(), p["s"], *p["bands"], *p["own"], *p["rows"],
                                    *p["pos"], *p["norms"], coef, float("inf"), counted_beats)
     m, n = p["exact"].shape
     rows, cols = torch.arange(m).repeat_interleave(n), torch.arange(n).repeat(m)
@@ -585,7 +595,7 @@ def test_scan_tile_gives_up_past_max_band():
     def no_beats(rows, cols, dim):
         raise AssertionError("scored a tile that was given up")
 
-    args = (ranking_native.scan_function(), p["s"], *p["bands"], *p["own"], *p["rows"], *p["pos"], *p["norms"],
+    args = (ranking_native.native_kernels(), p["s"], *p["bands"], *p["own"], *p["rows"], *p["pos"], *p["norms"],
             ranking_torch._fp32_error(1.0, 1.0, 40))
     assert ranking_native.scan_tile(*args, 0.0, no_beats) is None
     assert ranking_native.scan_tile(*args, float("inf"), scan_beats(p)) is not None
@@ -595,7 +605,7 @@ def test_scan_tile_rejects_a_tile_it_cannot_read():
     """A tile of another dtype, a tile with strided rows, or rows of the wrong shape: a ValueError
     that names what was expected, before any C code reads memory."""
     p = scan_problem(torch.float32)
-    fn = ranking_native.scan_function()
+    fn = ranking_native.native_kernels()
     rest = (*p["own"], *p["rows"], *p["pos"], *p["norms"], None, float("inf"), scan_beats(p))
     for tile, bands in ((p["s"].double(), p["bands"]), (p["s"].T.contiguous().T, p["bands"]),
                         (p["s"], (p["bands"][0].double(), *p["bands"][1:]))):
