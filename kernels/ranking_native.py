@@ -72,7 +72,13 @@ static inline float dot(const float *restrict x, const float *restrict y, int64_
         any |= f;                                                                             \
     }
 
-#define KEEP(list, slot, i, j) do { list[2 * tally[slot]] = (int32_t)(i); list[2 * tally[slot] + 1] = (int32_t)(j); tally[slot]++; } while (0)
+/* keeps the pair (i, j) in `list`, the next of the tally[slot] pairs waiting there */
+#define KEEP(list, slot, i, j)                                                                \
+    do {                                                                                      \
+        list[2 * tally[slot]] = (int32_t)(i);                                                 \
+        list[2 * tally[slot] + 1] = (int32_t)(j);                                             \
+        tally[slot]++;                                                                        \
+    } while (0)
 
 /* Counts the m × n entries of `tile` (bf16 or fp32, row stride ld), `width` columns at a time
    over all rows, from position `start` (column chunk · m + row). Returns m · chunks when done;
@@ -256,8 +262,13 @@ def exact_scores(kernels: NativeKernels, a: torch.Tensor, b: torch.Tensor, rows:
     rows, cols = rows.contiguous(), cols.contiguous()
     out = torch.empty(rows.numel())
     if rows.numel():
+        if a.shape[1] != b.shape[1] or not (0 <= int(rows.min()) and int(rows.max()) < a.shape[0]
+                                            and 0 <= int(cols.min()) and int(cols.max()) < b.shape[0]):
+            raise ValueError(f"exact_scores: expected row indices of a {tuple(a.shape)} and b {tuple(b.shape)}, got "
+                             f"rows in [{int(rows.min())}, {int(rows.max())}], cols in [{int(cols.min())}, "
+                             f"{int(cols.max())}]")
         kernels.exact(_ptr(a, torch.float32), _ptr(b, torch.float32), a.shape[1], _ptr(rows, torch.int64),
-                      _ptr(cols, torch.int64), rows.numel(), out.data_ptr())
+                      _ptr(cols, torch.int64, rows.numel()), rows.numel(), out.data_ptr())
     return out
 
 
@@ -270,8 +281,8 @@ def widen(kernels: NativeKernels, split: float, g1: torch.Tensor, g2: torch.Tens
     if g2.shape != (m, n) or out.shape != (m, n) or out.dtype != torch.float32 or out.stride(1) != 1:
         raise ValueError(f"widen: expected int32 [m, n] GEMM results and an fp32 [m, n] tile with contiguous rows, "
                          f"got {tuple(g1.shape)}, {tuple(g2.shape)}, {out.dtype} {tuple(out.shape)}")
-    kernels.widen(_ptr(g1, torch.int32), _ptr(g2, torch.int32), _ptr(row_scale, torch.float32),
-                  _ptr(col_step, torch.float32), split, out.data_ptr(), out.stride(0), m, n)
+    kernels.widen(_ptr(g1, torch.int32), _ptr(g2, torch.int32), _ptr(row_scale, torch.float32, m),
+                  _ptr(col_step, torch.float32, n), split, out.data_ptr(), out.stride(0), m, n)
 
 
 class TileCounts(NamedTuple):
@@ -286,15 +297,19 @@ class TileCounts(NamedTuple):
     resolved_c: int
 
 
-def _ptr(x: torch.Tensor, dtype) -> int:
-    if x.dtype != dtype or not x.is_contiguous() or x.device.type != "cpu":
-        raise ValueError(f"scan_tile: expected a contiguous {dtype} CPU tensor, got {x.dtype} {tuple(x.shape)} "
+def _ptr(x: torch.Tensor, dtype, length: int | None = None) -> int:
+    """x's address, for C code that reads it as a contiguous CPU array of dtype (of `length`
+    elements where given): anything else is a ValueError before C reads memory."""
+    if (x.dtype != dtype or not x.is_contiguous() or x.device.type != "cpu"
+            or (length is not None and x.numel() != length)):
+        raise ValueError(f"ranking_native: expected a contiguous {dtype} CPU tensor"
+                         f"{'' if length is None else f' of {length} elements'}, got {x.dtype} {tuple(x.shape)} "
                          f"on {x.device}")
     return x.data_ptr()
 
 
-def scan_tile(kernels: NativeKernels, s, lo_r, hi_r, lo_c, hi_c, own_r, own_c, a, b, pos_r, pos_c, norm_a, norm_b, coef: float | None,
-              max_band: float, beats) -> TileCounts | None:
+def scan_tile(kernels: NativeKernels, s, lo_r, hi_r, lo_c, hi_c, own_r, own_c, a, b, pos_r, pos_c, norm_a, norm_b,
+              coef: float | None, max_band: float, beats) -> TileCounts | None:
     """Counts the tile s [m, n] (bf16 or fp32, rows contiguous, any row stride) with the C scan
     (`native_kernels`): rows against lo_r, hi_r [m], columns against lo_c, hi_c [n] (fp32; a
     bf16 band widened to fp32, which is exact); own_r [m] the tile column of each row's positive,
@@ -319,9 +334,10 @@ def scan_tile(kernels: NativeKernels, s, lo_r, hi_r, lo_c, hi_c, own_r, own_c, a
     tally = torch.zeros(4, dtype=torch.int64)  # waiting pairs per direction, band entries per direction
     flags = torch.empty(n, dtype=torch.uint8)
     f32, i64 = torch.float32, torch.int64
-    args = [s.data_ptr(), int(s.dtype == torch.bfloat16), s.stride(0), m, n, _ptr(lo_r, f32), _ptr(hi_r, f32),
-            _ptr(lo_c, f32), _ptr(hi_c, f32), _ptr(own_r, i64), _ptr(own_c, i64), _ptr(a, f32), _ptr(b, f32), d,
-            int(coef is not None), _ptr(pos_r, f32), _ptr(pos_c, f32), _ptr(norm_a, f32), _ptr(norm_b, f32),
+    args = [s.data_ptr(), int(s.dtype == torch.bfloat16), s.stride(0), m, n, _ptr(lo_r, f32, m), _ptr(hi_r, f32, m),
+            _ptr(lo_c, f32, n), _ptr(hi_c, f32, n), _ptr(own_r, i64, m), _ptr(own_c, i64, n), _ptr(a, f32),
+            _ptr(b, f32), d, int(coef is not None), _ptr(pos_r, f32, m), _ptr(pos_c, f32, n), _ptr(norm_a, f32, m),
+            _ptr(norm_b, f32, n),
             coef or 0.0, above_r.data_ptr(), above_c.data_ptr(), waiting[0].data_ptr(), waiting[1].data_ptr(),
             capacity, int(min(max_band, 1 << 62)), tally.data_ptr(), flags.data_ptr(), SCAN_COLUMNS]
     end, start, resolved = m * -(-n // SCAN_COLUMNS), 0, [0, 0]

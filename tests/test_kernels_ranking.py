@@ -517,7 +517,8 @@ def scan_problem(dtype, seed=7):
         ab, ra = ranking_torch._bf16_residuals(a)
         bb, rb = ranking_torch._bf16_residuals(b)
         torch.mm(ab, bb.T, out=buf[:, :n])
-        w_r, w_c = ranking_torch._bf16_width(pos_r, na, ra, nb, rb, d), ranking_torch._bf16_width(pos_c, nb, rb, na, ra, d)
+        w_r = ranking_torch._bf16_width(pos_r, na, ra, nb, rb, d)
+        w_c = ranking_torch._bf16_width(pos_c, nb, rb, na, ra, d)
     else:
         torch.mm(a, b.T, out=buf[:, :n])
         w_r, w_c = ranking_torch._fp32_error(na.double(), nb.max().double(), d), ranking_torch._fp32_error(
@@ -602,12 +603,17 @@ def test_scan_tile_gives_up_past_max_band():
 
 
 def test_scan_tile_rejects_a_tile_it_cannot_read():
-    """A tile of another dtype, a tile with strided rows, or rows of the wrong shape: a ValueError
-    that names what was expected, before any C code reads memory."""
+    """A tile of another dtype, a tile with strided rows, a band of another dtype or length, or a row
+    index past the features: a ValueError that names what was expected, before any C code reads
+    memory."""
     p = scan_problem(torch.float32)
     fn = ranking_native.native_kernels()
     rest = (*p["own"], *p["rows"], *p["pos"], *p["norms"], None, float("inf"), scan_beats(p))
     for tile, bands in ((p["s"].double(), p["bands"]), (p["s"].T.contiguous().T, p["bands"]),
                         (p["s"], (p["bands"][0].double(), *p["bands"][1:]))):
-        with pytest.raises(ValueError, match="scan_tile: expected"):
+        with pytest.raises(ValueError, match="expected"):
             ranking_native.scan_tile(fn, tile, *bands, *rest)
+    with pytest.raises(ValueError, match="of 37 elements"):  # a band of another length
+        ranking_native.scan_tile(fn, p["s"], p["bands"][0][:30], *p["bands"][1:], *rest)
+    with pytest.raises(ValueError, match="exact_scores: expected row indices"):
+        ranking_native.exact_scores(fn, *p["rows"], torch.tensor([0, 37]), torch.tensor([0, 1]))
