@@ -729,9 +729,12 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         t_gemm = time.perf_counter()
         tally[phase or "gemm"] += t_gemm - t_start
         max_band = RESOLVE_MAX_FRACTION * m * n if precision == "bf16" else float("inf")
+        # band entries are scored in fp32 before exactly, except an fp32 tile's: its band is as wide
+        # as the fp32 step's error, so the step would decide nothing
+        fp32_step = precision != "fp32"
         if native:
-            return scan_count(i0, i1, t0, t1, precision, s[:m, :n], lo_r, hi_r, lo_c, hi_c, max_band, tally, cnt_t,
-                              phase)
+            return scan_count(i0, i1, t0, t1, precision, s[:m, :n], lo_r, hi_r, lo_c, hi_c, max_band, fp32_step,
+                              tally, cnt_t, phase)
         if n < np_:
             s[:, n:] = float("-inf")
         if m < mp:
@@ -749,8 +752,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         (rows_hi, (r, c)), (cols_hi, (r2, c2)) = rows, cols
         cnt_i[i0:i1] += rows_hi[:m]
         cnt_t[t0:t1] += cols_hi[:n]
-        # (an fp32 band is as wide as the fp32 step's error: it would decide nothing)
-        first = None if precision == "fp32" else lambda a, b, r, c, p: _fp32_step(a, b, r, c, p, na, nt)
+        first = (lambda a, b, r, c, p: _fp32_step(a, b, r, c, p, na, nt)) if fp32_step else None
         img, txt = r + i0, c + t0
         won, band, scored = _beats(im, tx, img, txt, pos_i[img], txt, best[img], first, exact_dots)
         cnt_i.index_add_(0, img, won)
@@ -764,7 +766,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
         tally["resolve"] += time.perf_counter() - t_start
         return True
 
-    def scan_count(i0, i1, t0, t1, precision, s, lo_r, hi_r, lo_c, hi_c, max_band, tally, cnt_t, phase):
+    def scan_count(i0, i1, t0, t1, precision, s, lo_r, hi_r, lo_c, hi_c, max_band, fp32_step, tally, cnt_t, phase):
         """count_tile's counting with the C scan (`ranking_native.scan_tile`) of the tile s [m, n]."""
         t_start, exact_seconds = time.perf_counter(), [0.0]
 
@@ -780,8 +782,7 @@ def retrieval_ranks(image: torch.Tensor, text: torch.Tensor, caption_image=None,
 
         own_r = torch.where((best[i0:i1] >= t0) & (best[i0:i1] < t1), best[i0:i1] - t0, -1)
         own_c = torch.where((ci[t0:t1] >= i0) & (ci[t0:t1] < i1), ci[t0:t1] - i0, -1)
-        # (an fp32 band is as wide as the fp32 step's error: it would decide nothing)
-        coef = None if precision == "fp32" else _fp32_error(1.0, 1.0, d)
+        coef = _fp32_error(1.0, 1.0, d) if fp32_step else None
         counts = ranking_native.scan_tile(
             native, s, *(x[i0:i1].float() for x in (lo_r, hi_r)), *(x[t0:t1].float() for x in (lo_c, hi_c)), own_r,
             own_c, im[i0:i1], tx[t0:t1], pos_i[i0:i1], pos_t[t0:t1], na[i0:i1], nt[t0:t1], coef, max_band, beats)
